@@ -1,0 +1,372 @@
+"""GLM-5: the model's math, top to bottom.
+
+    x = embed(tokens)
+    per layer:  h = x + MLA(RMSNorm(x));  x = h + MLP(RMSNorm(h))     (MLP: dense SwiGLU or MoE)
+    logits = lm_head(RMSNorm(x))
+    MTP:        h = eh_proj([enorm(embed(next_token)), hnorm(hidden)]) -> one decoder layer -> head
+
+One step runs a flat batch of tokens from many sequences (`StepBatch`) against the paged
+`KVCache`. Attention is MLA in the absorbed form: queries are folded through kv_b_proj's key
+half, so heads attend directly over the cached 576-wide entries (512 latent + 64 RoPE key), and
+values come out through its value half. DeepSeek Sparse Attention picks, per token, the
+`index_topk` best earlier positions with a lightning indexer; attention runs over those only
+(all visible positions when the context is no longer than index_topk).
+
+Module and parameter names follow the checkpoint's, so weights load by name. Everything with a
+fast kernel is called through `ops` (glm5c.ops.Ops). Head and expert counts are per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batch import StepBatch
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .ops import REFERENCE, Ops
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """This rank's share of the model: attention heads split by tensor parallelism, routed experts
+    by expert parallelism. Weight slicing and the collectives arrive with the parallelism work;
+    the layer shapes below are already per rank."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    def heads(self, n: int) -> int:
+        if n % self.tp_size:
+            raise ValueError(f"{n} heads do not split over tp_size={self.tp_size}")
+        return n // self.tp_size
+
+    def experts(self, n: int) -> tuple[int, int]:
+        """-> (first global expert on this rank, number of local experts)."""
+        if n % self.ep_size:
+            raise ValueError(f"{n} experts do not split over ep_size={self.ep_size}")
+        local = n // self.ep_size
+        return self.ep_rank * local, local
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalise in fp32, cast back, then scale (as GLM-5's reference does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T. With fp8=True, W is float8_e4m3fn with a [ceil(out/128), ceil(in/128)] fp32
+    block scale `weight_scale_inv` (GLM-5-FP8's format)."""
+
+    def __init__(self, in_features: int, out_features: int, ops: Ops, fp8: bool = False, dtype=None) -> None:
+        super().__init__()
+        self.ops = ops
+        wdtype = torch.float8_e4m3fn if fp8 else dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype), requires_grad=False)
+        self.weight_scale_inv = (
+            nn.Parameter(torch.empty(-(-out_features // 128), -(-in_features // 128)), requires_grad=False)
+            if fp8
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops.linear(x, self.weight, self.weight_scale_inv)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions [T] -> cos, sin [T, rope_dim / 2] (one angle per interleaved pair)."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Interleaved RoPE: pairs (0,1), (2,3), ... rotate together. x [T, ..., R], cos/sin [T, R/2].
+    The result comes out de-interleaved (rotated evens, then rotated odds), as in transformers;
+    dot products are unchanged, and queries and keys always use the same layout."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+
+
+class Indexer(nn.Module):
+    """DSA lightning indexer: scores earlier positions and returns the top-k per token."""
+
+    def __init__(self, config: ModelConfig, ops: Ops, fp8: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ops = ops
+        self.n_heads = config.index_n_heads  # the indexer is replicated, not split across ranks
+        self.head_dim = config.index_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.topk = config.index_topk
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops, fp8, dtype)
+        self.wk = Linear(config.hidden_size, self.head_dim, ops, fp8, dtype)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.latent_norm_eps, dtype=dtype)
+        # kept in fp32, as GLM-5-FP8 leaves it unquantized and transformers runs it in fp32
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False, dtype=torch.float32)
+        # fold both score scales into the head weights: relu(a * s) = s * relu(a) for s > 0
+        self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+
+    def forward(
+        self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, index_cache: Tensor
+    ) -> Tensor:
+        num_tokens = x.shape[0]
+        q = self.wq_b(q_latent).view(num_tokens, self.n_heads, self.head_dim)  # [T, Hi, Di]
+        k = self.k_norm(self.wk(x))  # [T, Di]
+        # the indexer ropes the *first* rope_dim dims of each head (MLA ropes the last ones)
+        q = torch.cat([apply_rope(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim :]], dim=-1)
+        k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim :]], dim=-1)
+        KVCache.write(index_cache, batch.slot_mapping, k)
+        weights = self.weights_proj(x.float()) * self.weight_scale  # [T, Hi]
+        return self.ops.indexer_topk(
+            q.float(), weights, index_cache, batch.block_tables, batch.seq_ids, batch.positions, self.topk
+        )  # [T, index_topk]
+
+
+class MLAttention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, has_indexer: bool, ops: Ops, fp8: bool, dtype: torch.dtype, sharding: Sharding
+    ) -> None:
+        super().__init__()
+        self.ops = ops
+        self.n_heads = sharding.heads(config.num_attention_heads)
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        h = self.n_heads
+        self.q_a_proj = Linear(config.hidden_size, config.q_lora_rank, ops, fp8, dtype)
+        self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.latent_norm_eps, dtype)
+        self.q_b_proj = Linear(config.q_lora_rank, h * config.qk_head_dim, ops, fp8, dtype)
+        self.kv_a_proj_with_mqa = Linear(config.hidden_size, config.kv_cache_dim, ops, fp8, dtype)
+        self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.latent_norm_eps, dtype)
+        # absorbed into queries and outputs, so always held dequantized: [H * (nope + v), kv_lora]
+        self.kv_b_proj = Linear(config.kv_lora_rank, h * (self.nope_dim + self.v_dim), ops, False, dtype)
+        self.o_proj = Linear(h * self.v_dim, config.hidden_size, ops, fp8, dtype)
+        self.indexer = Indexer(config, ops, fp8, dtype) if has_indexer else None
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, cache: KVCache, layer: int, topk: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        num_tokens, h = x.shape[0], self.n_heads
+        q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [T, q_lora]
+        q = self.q_b_proj(q_latent).view(num_tokens, h, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [T, kv_lora]
+        q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+        KVCache.write(cache.latent[layer], batch.slot_mapping, torch.cat([latent, k_rope], dim=-1))
+
+        if self.indexer is not None:
+            topk = self.indexer(x, q_latent, cos, sin, batch, cache.index_k[layer])
+        elif topk is None:
+            raise ValueError(f"layer {layer} shares its indexer but no earlier layer produced top-k indices")
+
+        # absorb kv_b_proj: q_nope . (W_uk c) = (W_uk^T q_nope) . c, and out = W_uv (sum p c)
+        w_kv_b = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, L], [H, v, L]
+        q_latent_abs = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, kv_lora]
+        q_abs = torch.cat([q_latent_abs, q_rope], dim=-1)  # [T, H, kv_lora + rope]
+        out_latent = self.ops.sparse_mla(
+            q_abs, cache.latent[layer], topk, batch.block_tables, batch.seq_ids, self.softmax_scale, self.kv_lora_rank
+        )  # [T, H, kv_lora]
+        out = torch.einsum("thl,hvl->thv", out_latent, w_uv)  # [T, H, v]
+        return self.o_proj(out.reshape(num_tokens, h * self.v_dim)), topk
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int, ops: Ops, fp8: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, hidden, ops, fp8, dtype)
+        self.up_proj = Linear(dim, hidden, ops, fp8, dtype)
+        self.down_proj = Linear(hidden, dim, ops, fp8, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts), requires_grad=False)
+
+
+class Experts(nn.Module):
+    """This rank's routed experts, stacked: [n_local, out, in] (+ FP8 block scales per expert)."""
+
+    def __init__(self, config: ModelConfig, ops: Ops, fp8: bool, dtype: torch.dtype, sharding: Sharding) -> None:
+        super().__init__()
+        self.first_expert, n = sharding.experts(config.n_routed_experts)
+        d, i = config.hidden_size, config.moe_intermediate_size
+        wdtype = torch.float8_e4m3fn if fp8 else dtype
+
+        def stack(out_dim: int, in_dim: int) -> tuple[nn.Parameter, nn.Parameter | None]:
+            w = nn.Parameter(torch.empty(n, out_dim, in_dim, dtype=wdtype), requires_grad=False)
+            s = nn.Parameter(torch.empty(n, -(-out_dim // 128), -(-in_dim // 128)), requires_grad=False)
+            return w, (s if fp8 else None)
+
+        self.gate_proj, self.gate_proj_scale_inv = stack(i, d)
+        self.up_proj, self.up_proj_scale_inv = stack(i, d)
+        self.down_proj, self.down_proj_scale_inv = stack(d, i)
+
+    @property
+    def scales(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.gate_proj_scale_inv, self.up_proj_scale_inv, self.down_proj_scale_inv
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, ops: Ops, fp8: bool, dtype: torch.dtype, sharding: Sharding) -> None:
+        super().__init__()
+        self.ops = ops
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config, ops, fp8, dtype, sharding)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, ops, fp8, dtype)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.config
+        weights, ids = self.ops.route(
+            x, self.gate.weight, self.gate.e_score_correction_bias, c.num_experts_per_tok,
+            c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor,
+        )  # [T, k] fp32, [T, k]
+        e = self.experts
+        out = self.ops.experts(
+            x, ids, weights, e.gate_proj, e.up_proj, e.down_proj, e.scales, e.first_expert, self.ops.linear
+        )  # [T, D]
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer: int, ops: Ops, fp8: bool, dtype: torch.dtype, sharding: Sharding
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = MLAttention(config, config.layer_has_indexer(layer), ops, fp8, dtype, sharding)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = (
+            MoE(config, ops, fp8, dtype, sharding)
+            if config.layer_is_moe(layer)
+            else MLP(config.hidden_size, config.intermediate_size, ops, fp8, dtype)
+        )
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, cache: KVCache, topk: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        attn, topk = self.self_attn(self.input_layernorm(x), cos, sin, batch, cache, self.layer, topk)
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), topk
+
+
+class SharedHead(nn.Module):
+    def __init__(self, config: ModelConfig, own_head: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype) if own_head else None
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction (checkpoint layer index num_hidden_layers): predicts the token after
+    `next_token` from the main model's hidden state at the current one. Reused for every draft step."""
+
+    def __init__(
+        self, config: ModelConfig, layer: int, ops: Ops, fp8: bool, dtype: torch.dtype, sharding: Sharding,
+        own_embed: bool, own_head: bool,
+    ) -> None:
+        super().__init__(config, layer, ops, fp8, dtype, sharding)
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps, dtype)
+        self.eh_proj = Linear(2 * d, d, ops, fp8, dtype)
+        self.shared_head = SharedHead(config, own_head, dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, dtype=dtype) if own_embed else None
+
+
+class GLM5(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: Ops = REFERENCE,
+        dtype: torch.dtype = torch.bfloat16,
+        fp8: bool = False,
+        sharding: Sharding = Sharding(),
+        mtp: bool = True,
+        mtp_own_embed: bool = False,
+        mtp_own_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, ops, fp8, dtype, sharding) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps, dtype)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False, dtype=dtype)
+        self.mtp = (
+            MTPLayer(config, config.num_hidden_layers, ops, fp8, dtype, sharding, mtp_own_embed, mtp_own_head)
+            if mtp and config.num_nextn_predict_layers > 0
+            else None
+        )
+        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the RoPE frequencies, e.g. after materialising a model built on the meta device."""
+        r = self.config.qk_rope_head_dim
+        freqs = self.config.rope_theta ** (-torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / r)
+        self.inv_freq = freqs.to(self.inv_freq.device)
+
+    def forward(self, batch: StepBatch, cache: KVCache) -> Tensor:
+        """-> final-normed hidden states [T, D] of every token in the step."""
+        x = self.embed_tokens(batch.token_ids)  # [T, D]
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        topk = None
+        for layer in self.layers:
+            x, topk = layer(x, cos, sin, batch, cache, topk)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, D] -> logits [N, vocab] in fp32."""
+        return self.lm_head(hidden).float()
+
+    def mtp_forward(self, batch: StepBatch, cache: KVCache, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """One MTP draft step. batch.token_ids are the next tokens, `hidden` [T, D] the hidden states
+        (from the main model, or from the previous draft step) at the positions before them.
+        -> (logits [N, vocab] fp32 at batch.logits_indices, MTP hidden states [T, D] for the next draft step)."""
+        if self.mtp is None:
+            raise RuntimeError("this model has no MTP layer")
+        m = self.mtp
+        embed = m.embed_tokens if m.embed_tokens is not None else self.embed_tokens
+        e = m.enorm(embed(batch.token_ids))
+        x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))  # [T, 2D] -> [T, D]
+        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        x, _ = m(x, cos, sin, batch, cache, None)
+        head = m.shared_head.head if m.shared_head.head is not None else self.lm_head
+        logits = head(m.shared_head.norm(x[batch.logits_indices])).float()
+        return logits, x

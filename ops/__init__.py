@@ -1,0 +1,41 @@
+"""Kernels the model calls, behind one small interface.
+
+`Ops` names every operation that has (or will have) a fast kernel; the model receives an
+`Ops` and calls nothing else for them. `REFERENCE` holds the plain-torch implementations, which
+define what each fast kernel must compute and run anywhere (eager or compiled, CPU or GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import dsa, fp8, moe
+
+
+def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
+    """y = x @ weight.T; an FP8 weight (with its 128x128 block scales) runs as a block-scaled FP8 GEMM."""
+    if scale_inv is None:
+        return F.linear(x, weight)
+    return fp8.fp8_linear(x, weight, scale_inv)
+
+
+@dataclass(frozen=True)
+class Ops:
+    linear: Callable[..., Tensor]
+    route: Callable[..., tuple[Tensor, Tensor]]
+    experts: Callable[..., Tensor]
+    indexer_topk: Callable[..., Tensor]
+    sparse_mla: Callable[..., Tensor]
+
+
+REFERENCE = Ops(
+    linear=linear_ref,
+    route=moe.route_ref,
+    experts=moe.experts_ref,
+    indexer_topk=dsa.indexer_topk_ref,
+    sparse_mla=dsa.sparse_mla_ref,
+)
