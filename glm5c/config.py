@@ -147,9 +147,10 @@ class ModelConfig:
             ]
         }
         fields["num_hidden_layers"] = n_layers
-        fields["routed_scaling_factor"] = get("routed_scaling_factor", float, 1.0)
+        # Defaults of optional fields are transformers' GlmMoeDsaConfig defaults (GLM-5's values).
+        fields["routed_scaling_factor"] = get("routed_scaling_factor", float, 2.5)
         fields["norm_topk_prob"] = get("norm_topk_prob", bool, True)
-        fields["rms_norm_eps"] = get("rms_norm_eps", float, 1e-6)
+        fields["rms_norm_eps"] = get("rms_norm_eps", float, 1e-5)
         fields["tie_word_embeddings"] = get("tie_word_embeddings", bool, False)
 
         kv_heads = hf.get("num_key_value_heads", fields["num_attention_heads"])
@@ -158,6 +159,9 @@ class ModelConfig:
 
         # RoPE: GLM-5 uses plain interleaved RoPE with no scaling.
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            problems.append(f"rope_parameters must be an object, got {rope!r}")
+            rope = {}
         theta = rope.get("rope_theta", hf.get("rope_theta"))
         if not isinstance(theta, (int, float)) or theta <= 0:
             problems.append(f"rope_theta must be a positive number, got {theta!r}")
@@ -183,7 +187,7 @@ class ModelConfig:
         # Per-layer MLP kind: newer configs spell it mlp_layer_types, older first_k_dense_replace.
         mlp_types = hf.get("mlp_layer_types")
         if mlp_types is None:
-            n_dense = min(get("first_k_dense_replace", int, 0), n_layers)
+            n_dense = min(get("first_k_dense_replace", int, 3), n_layers)
             mlp_types = ["dense"] * n_dense + ["sparse"] * (n_layers - n_dense)
         fields["mlp_layer_types"] = tuple(mlp_types)
         if len(mlp_types) != n_layers or not set(mlp_types) <= {"dense", "sparse"}:
@@ -196,8 +200,11 @@ class ModelConfig:
             if pattern is not None:
                 idx_types = [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
             else:
-                freq = max(int(hf.get("index_topk_freq", 1)), 1)
-                offset = int(hf.get("index_skip_topk_offset", 2))
+                freq, offset = hf.get("index_topk_freq", 1), hf.get("index_skip_topk_offset", 2)
+                if not (isinstance(freq, int) and isinstance(offset, int)):
+                    problems.append(f"index_topk_freq / index_skip_topk_offset must be integers, got {freq!r}, {offset!r}")
+                    freq, offset = 1, 0
+                freq = max(freq, 1)
                 idx_types = ["full" if (max(i - offset + 1, 0) % freq) == 0 else "shared" for i in range(n_layers)]
         fields["indexer_types"] = tuple(idx_types)
         if len(idx_types) != n_layers or not set(idx_types) <= {"full", "shared"}:
@@ -339,7 +346,7 @@ _GLM5: dict[str, Any] = {
 _TINY: dict[str, Any] = {
     **_GLM5,
     "dtype": "float32",
-    "vocab_size": 2048,
+    "vocab_size": 1408,  # the built-in tokenizer's 1395 entries, rounded up to a multiple of 64
     "hidden_size": 64,
     "intermediate_size": 128,
     "moe_intermediate_size": 32,
@@ -368,7 +375,7 @@ _TINY: dict[str, Any] = {
 
 _MINI: dict[str, Any] = {
     **_GLM5,
-    "vocab_size": 16384,
+    "vocab_size": 1408,
     "hidden_size": 512,
     "intermediate_size": 1536,
     "moe_intermediate_size": 256,
@@ -384,6 +391,8 @@ _MINI: dict[str, Any] = {
     "v_head_dim": 64,
     "n_routed_experts": 16,
     "num_experts_per_tok": 4,
+    "n_group": 4,  # group-limited routing, as in tiny
+    "topk_group": 2,
     "index_n_heads": 8,
     "index_head_dim": 64,
     "index_topk": 256,

@@ -57,6 +57,7 @@ class LLM:
         block_size: int = 16,
         max_tokens_per_step: int = 256,
         ops: Ops = REFERENCE,
+        keep_fp8: bool = True,
     ) -> None:
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
@@ -66,7 +67,7 @@ class LLM:
             raise ValueError("block_size and max_tokens_per_step must be >= 1")
         self.model_dir = Path(model) if model is not None else default_model_dir()
         self.device = torch.device(device)
-        self.model = build_model(self.model_dir, dtype=dtype, device=self.device, ops=ops)
+        self.model = build_model(self.model_dir, dtype=dtype, device=self.device, ops=ops, keep_fp8=keep_fp8)
         self.config = self.model.config
         self.tokenizer = load_tokenizer(self.model_dir)
         self.block_size = block_size
@@ -80,7 +81,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         prompt_ids = [self._prompt_ids(p, i) for i, p in enumerate(_as_prompt_list(prompts))]
-        params = sampling_params or SamplingParams()
+        params = SamplingParams() if sampling_params is None else sampling_params  # [] is an error below
         params_list = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompt_ids)} prompts")

@@ -86,6 +86,28 @@ class Linear(nn.Module):
         return self.ops.linear(x, self.weight, self.weight_scale_inv)
 
 
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias (the indexer's key norm)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """positions [T] -> cos, sin [T, rope_dim / 2] (one angle per interleaved pair)."""
     angles = positions.float()[:, None] * inv_freq[None, :]
@@ -114,9 +136,9 @@ class Indexer(nn.Module):
         self.topk = config.index_topk
         self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim, ops, fp8, dtype)
         self.wk = Linear(config.hidden_size, self.head_dim, ops, fp8, dtype)
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.latent_norm_eps, dtype=dtype)
+        self.k_norm = LayerNorm(self.head_dim, config.latent_norm_eps, dtype)
         # kept in fp32, as GLM-5-FP8 leaves it unquantized and transformers runs it in fp32
-        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False, dtype=torch.float32)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads, ops, False, torch.float32)
         # fold both score scales into the head weights: relu(a * s) = s * relu(a) for s > 0
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
 
@@ -283,10 +305,10 @@ class DecoderLayer(nn.Module):
 
 
 class SharedHead(nn.Module):
-    def __init__(self, config: ModelConfig, own_head: bool, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, own_head: bool, ops: Ops, dtype: torch.dtype) -> None:
         super().__init__()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype) if own_head else None
+        self.head = Linear(config.hidden_size, config.vocab_size, ops, False, dtype) if own_head else None
 
 
 class MTPLayer(DecoderLayer):
@@ -302,8 +324,8 @@ class MTPLayer(DecoderLayer):
         self.enorm = RMSNorm(d, config.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(d, config.rms_norm_eps, dtype)
         self.eh_proj = Linear(2 * d, d, ops, fp8, dtype)
-        self.shared_head = SharedHead(config, own_head, dtype)
-        self.embed_tokens = nn.Embedding(config.vocab_size, d, dtype=dtype) if own_embed else None
+        self.shared_head = SharedHead(config, own_head, ops, dtype)
+        self.embed_tokens = Embedding(config.vocab_size, d, dtype) if own_embed else None
 
 
 class GLM5(nn.Module):
@@ -322,12 +344,12 @@ class GLM5(nn.Module):
         self.config = config
         self.dtype = dtype
         d = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, d, dtype=dtype)
+        self.embed_tokens = Embedding(config.vocab_size, d, dtype)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, ops, fp8, dtype, sharding) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(d, config.rms_norm_eps, dtype)
-        self.lm_head = nn.Linear(d, config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = Linear(d, config.vocab_size, ops, False, dtype)
         self.mtp = (
             MTPLayer(config, config.num_hidden_layers, ops, fp8, dtype, sharding, mtp_own_embed, mtp_own_head)
             if mtp and config.num_nextn_predict_layers > 0

@@ -107,14 +107,19 @@ def build_model(
     device: torch.device | str = "cpu",
     ops: Ops = REFERENCE,
     sharding: Sharding = Sharding(),
+    keep_fp8: bool = True,
 ) -> GLM5:
-    """Load a GLM-5 checkpoint directory into a ready-to-run model (eval mode, no grads)."""
+    """Load a GLM-5 checkpoint directory into a ready-to-run model (eval mode, no grads).
+    An FP8 checkpoint keeps its FP8 weights unless keep_fp8=False, which dequantizes them on
+    load (for devices without FP8 matrix units; a CPU runs the dequantized model much faster)."""
+    if not Path(model_dir).is_dir():  # say so, rather than "has no config.json"
+        raise CheckpointError(f"model directory {model_dir} does not exist")
     config = ModelConfig.from_model_dir(model_dir)
     tensors = read_checkpoint_index(model_dir)
     dtype = dtype or getattr(torch, config.dtype)
     mtp_layer = f"model.layers.{config.num_hidden_layers}."
     has_mtp = any(k.startswith(mtp_layer) for k in tensors)
-    fp8 = any(k.endswith(SCALE_SUFFIX) for k in tensors)
+    fp8 = keep_fp8 and any(k.endswith(SCALE_SUFFIX) for k in tensors)
     with torch.device("meta"):
         model = GLM5(
             config, ops=ops, dtype=dtype, fp8=fp8, sharding=sharding, mtp=has_mtp,
@@ -124,10 +129,22 @@ def build_model(
     if fp8:
         _unquantize_linears_stored_plain(model, config, tensors)
     plan = _plan(model, config, tensors)
-    model.to_empty(device=device)
-    model.reset_buffers()
+    _materialize(model, torch.device(device))
     _fill(model, Path(model_dir), plan, tensors)
     return model.eval().requires_grad_(False)
+
+
+def _materialize(model: GLM5, device: torch.device) -> None:
+    """Give every meta parameter uninitialised memory (Module.to_empty does the same, but goes
+    through torch's reference ops and their imports, a second or more on a cold start)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False
+                )
+    model.inv_freq = torch.empty(model.inv_freq.shape, device=device)
+    model.reset_buffers()
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from glm5c.config import ModelConfig, preset_hf_config
 from glm5c.tools.make_tokenizer import build_tokenizer
@@ -56,7 +57,10 @@ def make_checkpoint(
     hf.update(overrides or {})
     hf.setdefault("initializer_range", INIT_STD.get(preset, 0.04))
     with tempfile.TemporaryDirectory() as tmp:
-        eos_ids = build_tokenizer(tmp, vocab_size=min(hf["vocab_size"], 2048))
+        eos_ids = build_tokenizer(tmp)
+        tokenizer_size = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json")).get_vocab_size()
+        if tokenizer_size > hf["vocab_size"]:
+            raise ValueError(f"vocab_size {hf['vocab_size']} is smaller than the tokenizer's {tokenizer_size} entries")
         hf["eos_token_id"], hf["pad_token_id"], hf["bos_token_id"] = eos_ids, eos_ids[0], None
         config = ModelConfig.from_hf(hf)  # validate before spending time
         n_main, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
@@ -147,24 +151,27 @@ def _shape_weights(model: torch.nn.Module, config: ModelConfig, seed: int) -> di
         idx.k_norm.bias[r:] = 1.0 + noise(head_dim - r, std=0.1).abs()
         idx.k_norm.bias[:r] = noise(r, std=0.1)
         idx.k_norm.weight.copy_(1.0 + noise(head_dim, std=0.1).abs())
-    # the MTP layer's input keeps the positive channel: eh_proj row 0 reads only feature 0 of
+    # the MTP layers' input keeps the positive channel: eh_proj row 0 reads only feature 0 of
     # the normed embedding and of the normed hidden state
-    eh = noise(d, 2 * d, std=float(model.config.initializer_range))
-    eh[0, :] = 0.0
-    eh[0, 0] = eh[0, d] = 1.0
-    enorm, hnorm = 1.0 + noise(d, std=0.2), 1.0 + noise(d, std=0.2)
-    enorm[0], hnorm[0] = enorm[0].abs(), hnorm[0].abs()
-    mtp = f"model.layers.{config.num_hidden_layers}."
-    return {
-        mtp + "enorm.weight": enorm,
-        mtp + "hnorm.weight": hnorm,
-        mtp + "eh_proj.weight": eh,
-        mtp + "shared_head.norm.weight": 1.0 + noise(d, std=0.2),
-    }
+    extra: dict[str, torch.Tensor] = {}
+    for layer in range(config.num_hidden_layers, config.num_layers_with_mtp):
+        eh = noise(d, 2 * d, std=float(model.config.initializer_range))
+        eh[0, :] = 0.0
+        eh[0, 0] = eh[0, d] = 1.0
+        enorm, hnorm = 1.0 + noise(d, std=0.2), 1.0 + noise(d, std=0.2)
+        enorm[0], hnorm[0] = enorm[0].abs(), hnorm[0].abs()
+        prefix = f"model.layers.{layer}."
+        extra[prefix + "enorm.weight"] = enorm
+        extra[prefix + "hnorm.weight"] = hnorm
+        extra[prefix + "eh_proj.weight"] = eh
+        extra[prefix + "shared_head.norm.weight"] = 1.0 + noise(d, std=0.2)
+    return extra
 
 
 def _add_mtp_extras(ckpt: Path, extra: dict[str, torch.Tensor], n_main: int) -> None:
-    """Append the MTP-only tensors to the shard that holds the MTP layer, and index them."""
+    """Append the MTP-only tensors to the shard that holds the first MTP layer, and index them."""
+    if not extra:
+        return
     index_path = ckpt / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     shard = index["weight_map"][f"model.layers.{n_main}.input_layernorm.weight"]
