@@ -11,7 +11,7 @@ from pathlib import Path
 
 DEFAULT_PRESET = "mini"
 DEFAULT_SEED = 0
-_VERSION = "v2"  # bump when the maker's output changes, so old copies are not reused
+_VERSION = "v3"  # bump when the maker's output changes, so old copies are not reused
 
 
 def cache_home() -> Path:

@@ -17,6 +17,7 @@ Checkpoint names map to module names one to one, except:
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class TensorInfo:
     file: str
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype name, e.g. "BF16", "F8_E4M3"
+    offset: int  # byte offset of the data in the file
+    nbytes: int
 
 
 def read_checkpoint_index(model_dir: str | Path) -> dict[str, TensorInfo]:
@@ -75,11 +78,10 @@ def read_checkpoint_index(model_dir: str | Path) -> dict[str, TensorInfo]:
     tensors: dict[str, TensorInfo] = {}
     for name in files:
         try:
-            with safe_open(model_dir / name, framework="pt") as f:
-                for key in f.keys():
-                    s = f.get_slice(key)
-                    tensors[key] = TensorInfo(name, tuple(s.get_shape()), s.get_dtype())
-        except (SafetensorError, OSError, ValueError) as e:
+            with safe_open(model_dir / name, framework="pt"):
+                pass  # safetensors validates the whole header against the file
+            tensors.update(_read_header(model_dir / name))
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{model_dir / name} is not a readable safetensors file: {e}") from None
     if weight_map is not None:
         wrong = [k for k, f in weight_map.items() if tensors.get(k) is None or tensors[k].file != f]
@@ -88,6 +90,21 @@ def read_checkpoint_index(model_dir: str | Path) -> dict[str, TensorInfo]:
                 f"{INDEX_FILE} names tensors its shards do not hold: {_listing(wrong)}"
             )
     return tensors
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file: an 8-byte little-endian header size, a JSON header of
+    {name: {dtype, shape, data_offsets: [begin, end]}} (offsets after the header), then the data."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    start = 8 + size
+    return {
+        key: TensorInfo(path.name, tuple(v["shape"]), v["dtype"], start + v["data_offsets"][0],
+                        v["data_offsets"][1] - v["data_offsets"][0])  # fmt: skip
+        for key, v in header.items()
+        if key != "__metadata__"
+    }
 
 
 def checkpoint_name(param: str, config: ModelConfig) -> str:
@@ -224,24 +241,52 @@ def _plan(model: GLM5, config: ModelConfig, tensors: dict[str, TensorInfo]) -> d
 
 @torch.no_grad()
 def _fill(model: GLM5, model_dir: Path, plan: dict[str, _Target], tensors: dict[str, TensorInfo]) -> None:
+    """Read each tensor straight from its file into its parameter (one copy, as `cat` does; no
+    mapping of whole shards). A tensor stored in another dtype, or dequantized on load, goes
+    through a buffer of its own size."""
     params = dict(model.named_parameters())
     by_file: dict[str, list[str]] = {}
     for key in plan:
         by_file.setdefault(tensors[key].file, []).append(key)
     for file, keys in sorted(by_file.items()):
-        with safe_open(model_dir / file, framework="pt") as f:
-            for key in keys:
-                target = plan[key]
-                src = f.get_tensor(key)
-                if target.scale_of is not None:  # dequantize an FP8 weight held in higher precision
-                    with safe_open(model_dir / tensors[target.scale_of].file, framework="pt") as g:
-                        scale = g.get_tensor(target.scale_of)
-                    src = dequantize_weight_blocks(src, scale, torch.float32)
+        fd = os.open(model_dir / file, os.O_RDONLY)
+        try:
+            for key in sorted(keys, key=lambda k: tensors[k].offset):  # sequential reads
+                target, info = plan[key], tensors[key]
                 dst = params[target.param]
                 if target.expert is not None:
                     dst = dst[target.expert]
+                src_dtype = _DTYPES[info.dtype]
+                if target.scale_of is None and src_dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
+                    _pread_into(fd, info, dst)
+                    continue
+                src = torch.empty(info.shape, dtype=src_dtype)
+                _pread_into(fd, info, src)
+                if target.scale_of is not None:  # an FP8 weight held dequantized
+                    scale_info = tensors[target.scale_of]
+                    scale = torch.empty(scale_info.shape, dtype=_DTYPES[scale_info.dtype])
+                    scale_fd = os.open(model_dir / scale_info.file, os.O_RDONLY)
+                    try:
+                        _pread_into(scale_fd, scale_info, scale)
+                    finally:
+                        os.close(scale_fd)
+                    src = dequantize_weight_blocks(src, scale, torch.float32)
                 dst.copy_(src)
                 del src
+        finally:
+            os.close(fd)
+
+
+def _pread_into(fd: int, info: TensorInfo, dst: torch.Tensor) -> None:
+    buffer = dst.view(-1).view(torch.uint8).numpy()  # the tensor's own memory, as bytes
+    if buffer.nbytes != info.nbytes:
+        raise CheckpointError(f"{info.file}: a tensor holds {info.nbytes} bytes, expected {buffer.nbytes}")
+    done = 0
+    while done < info.nbytes:
+        n = os.preadv(fd, [memoryview(buffer)[done:]], info.offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{info.file} ends before its tensor data ({info.offset + done} bytes)")
+        done += n
 
 
 def _listing(names: list[str], limit: int = 12) -> str:
