@@ -33,6 +33,11 @@ class FP8Config:
     activation_scheme: str = "dynamic"
     modules_to_not_convert: tuple[str, ...] = ()
 
+    def unconverted_modules(self) -> tuple[str, ...]:
+        """modules_to_not_convert in checkpoint names: GLM-5-FP8 lists the indexer's head-weight
+        projection under a misspelt name, `self_attn.indexers_proj` for `self_attn.indexer.weights_proj`."""
+        return tuple(m.replace(".indexers_proj", ".indexer.weights_proj") for m in self.modules_to_not_convert)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -213,6 +213,7 @@ def _plan(model: GLM5, config: ModelConfig, tensors: dict[str, TensorInfo]) -> d
                 expected.add(scale_key)
                 plan[key] = _Target(target.param, target.expert, scale_of=scale_key)
 
+    problems += _check_quantization(config, tensors)
     missing = sorted(expected - tensors.keys())
     unexpected = sorted(tensors.keys() - expected)
     if missing:
@@ -237,6 +238,18 @@ def _plan(model: GLM5, config: ModelConfig, tensors: dict[str, TensorInfo]) -> d
     if problems:
         raise CheckpointError("checkpoint does not match its config: " + " | ".join(problems))
     return {k: t for k, t in plan.items() if k in tensors}
+
+
+def _check_quantization(config: ModelConfig, tensors: dict[str, TensorInfo]) -> list[str]:
+    """FP8 tensors must come with a quantization_config, and never in a module it leaves unconverted."""
+    fp8_weights = sorted(k for k, t in tensors.items() if t.dtype == "F8_E4M3")
+    if not fp8_weights:
+        return []
+    if config.quantization is None:
+        return [f"FP8 tensors ({_listing(fp8_weights, 3)}) but config.json has no quantization_config"]
+    unconverted = config.quantization.unconverted_modules()
+    wrong = [k for k in fp8_weights if any(k.startswith(m + ".") for m in unconverted)]
+    return [f"stored in FP8 but listed in modules_to_not_convert: {_listing(wrong)}"] if wrong else []
 
 
 @torch.no_grad()

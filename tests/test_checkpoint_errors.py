@@ -197,3 +197,30 @@ def test_fp8_keep_fp8_false(tiny_fp8_dir):
     names = [n for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn or "scale_inv" in n]
     assert names == []
     assert model.layers[1].self_attn.q_a_proj.weight.dtype == torch.float32
+
+
+def test_fp8_config_maps_the_misspelt_indexer_name():
+    from glm5c.config import FP8Config
+
+    q = FP8Config(modules_to_not_convert=("lm_head", "model.layers.3.self_attn.indexers_proj"))
+    assert q.unconverted_modules() == ("lm_head", "model.layers.3.self_attn.indexer.weights_proj")
+
+
+def test_fp8_tensor_in_an_unconverted_module_is_refused(tiny_fp8_dir, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_fp8_dir, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"].append("model.layers.1.self_attn.q_a_proj")
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"listed in modules_to_not_convert: model\.layers\.1\.self_attn\.q_a_proj\.weight"):
+        build_model(broken)
+
+
+def test_fp8_tensors_without_quantization_config_are_refused(tiny_fp8_dir, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_fp8_dir, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["quantization_config"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no quantization_config"):
+        build_model(broken)
