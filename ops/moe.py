@@ -70,3 +70,46 @@ def experts_ref(
 
 def _at(scales: Tensor | None, expert: int) -> Tensor | None:
     return None if scales is None else scales[expert]
+
+
+def group_by_expert(expert_ids: Tensor, first_expert: int, n_local: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Shape-static grouping of (token, slot) pairs by local expert, with no host sync.
+
+    expert_ids [T, k] -> (order [T*k]: pair indices sorted by local expert, other ranks' pairs last;
+    group_ends [n_local] int32: cumulative row counts, the offsets a grouped GEMM takes;
+    is_local [T*k] bool, in sorted order)."""
+    local = expert_ids.flatten() - first_expert  # [T*k]
+    is_local = (local >= 0) & (local < n_local)
+    key = torch.where(is_local, local, n_local)  # pairs for other ranks sort into a last, unused group
+    order = key.argsort(stable=True)
+    counts = torch.bincount(key, minlength=n_local + 1)[:n_local]
+    return order, counts.cumsum(0).to(torch.int32), is_local[order]
+
+
+def experts_grouped_mm(
+    x: Tensor,  # [T, D]
+    expert_ids: Tensor,  # [T, top_k] global expert ids
+    expert_weights: Tensor,  # [T, top_k] fp32
+    gate_proj: Tensor,  # [E_local, I, D]
+    up_proj: Tensor,  # [E_local, I, D]
+    down_proj: Tensor,  # [E_local, D, I]
+    scales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    first_expert: int,
+    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+) -> Tensor:
+    """experts_ref's result with every shape fixed by T (no data-dependent shapes, so it compiles
+    into one graph): pairs grouped by expert, then torch's grouped GEMM. BF16/FP32 weights only
+    (an FP8 checkpoint is dequantized on load for this path)."""
+    if any(s is not None for s in scales):
+        raise ValueError("experts_grouped_mm takes unquantized expert weights (load with keep_fp8=False)")
+    top_k = expert_ids.shape[1]
+    order, group_ends, is_local = group_by_expert(expert_ids, first_expert, gate_proj.shape[0])
+    token = order // top_k  # [T*k] token of each sorted pair
+    xs = x[token]  # [T*k, D]
+    gate = torch._grouped_mm(xs, gate_proj.transpose(-2, -1), offs=group_ends)  # [T*k, I]
+    up = torch._grouped_mm(xs, up_proj.transpose(-2, -1), offs=group_ends)
+    y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=group_ends)  # [T*k, D]
+    # rows past the last group (other ranks' pairs) are left unwritten by the GEMM: select, not scale
+    y = torch.where(is_local[:, None], y.float() * expert_weights.flatten()[order, None], 0.0)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
+    return out.to(x.dtype)
