@@ -41,11 +41,11 @@ def build_step_batch(
     block_size: int,
     pad_slot: int,
     device: torch.device | str = "cpu",
-    pad_tokens_to: int | None = None,
     max_blocks: int | None = None,
 ) -> StepBatch:
-    """Lay chunks out flat. Padding tokens (up to pad_tokens_to) write to `pad_slot` and belong to an
-    extra sequence row whose block table is all the scratch block."""
+    """Lay chunks out flat; block tables are `max_blocks` wide (default: the longest), filled up
+    with the cache's scratch block (the block holding `pad_slot`). Padding a step to a compiled
+    bucket is the graph runner's job (glm5c.graphs.step.StaticInputs)."""
     token_ids: list[int] = []
     positions: list[int] = []
     seq_ids: list[int] = []
@@ -74,18 +74,6 @@ def build_step_batch(
             logits_indices.append(len(token_ids) - 1)
         tables.append(list(chunk.block_table) + [scratch_block] * (width - len(chunk.block_table)))
         seq_lens.append(end)
-    num_pad = 0 if pad_tokens_to is None else pad_tokens_to - len(token_ids)
-    if num_pad < 0:
-        raise ValueError(f"{len(token_ids)} tokens do not fit in a step of {pad_tokens_to}")
-    if num_pad:
-        pad_row = len(tables)
-        tables.append([scratch_block] * width)
-        seq_lens.append(1)
-        token_ids += [0] * num_pad
-        positions += [0] * num_pad
-        seq_ids += [pad_row] * num_pad
-        slots += [pad_slot] * num_pad
-
     def tensor(values: list[int], dtype: torch.dtype) -> Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 

@@ -1,6 +1,7 @@
 """The `glm5c` command.
 
-    glm5c generate [--model DIR] [--prompt TEXT ...] [--chat] [--max-tokens N] [--temperature T]
+    glm5c compile  [--model DIR] --out ARTIFACTS [--buckets 1,2,4,8] [--device cpu|cuda] [--max-model-len N]
+    glm5c generate [--model DIR] [--artifacts ARTIFACTS] [--prompt TEXT ...] [--chat] [--max-tokens N]
 
 Without --model, commands use the built-in default model (made on first use).
 """
@@ -26,8 +27,19 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm5c", description="A compiled-graph inference engine for GLM-5.")
     sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile", help="compile the model ahead of time, one graph per token bucket")
+    comp.add_argument("--model", help="Hugging Face model directory (default: the built-in mini model)")
+    comp.add_argument("--out", required=True, help="artifact directory to write (replaced if it holds artifacts)")
+    comp.add_argument("--buckets", help="comma-separated token counts (default: 1,2,4,...,256 on cpu; "
+                      "1,2,4,8,16,...,256,512,1024,2048 on cuda)")  # fmt: skip
+    comp.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the machine the artifacts will run on)")
+    comp.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's")
+    comp.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
+    comp.add_argument("--max-model-len", type=_positive_int, help="longest sequence (default: min(context, 8192))")
+
     gen = sub.add_parser("generate", help="generate text for one or more prompts, in-process")
     gen.add_argument("--model", help="Hugging Face model directory (default: the built-in mini model)")
+    gen.add_argument("--artifacts", help="run the compiled graphs from this `glm5c compile` directory")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
     gen.add_argument("--no-think", action="store_true", help="with --chat: thinking off (enable_thinking=False)")
@@ -48,7 +60,7 @@ def _generate(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, ignore_eos=args.ignore_eos
     )
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, artifacts=args.artifacts)
     load_s = time.perf_counter() - t0
     if args.chat:
         if llm.tokenizer is None:
@@ -71,15 +83,33 @@ def _generate(args: argparse.Namespace) -> None:
     rate = stats["generated"] / stats["elapsed_s"] if stats["elapsed_s"] else 0.0
     print(
         f"model {llm.model_dir} loaded in {load_s:.2f} s; {stats['generated']} tokens in {stats['steps']} steps, "
-        f"{stats['elapsed_s']:.2f} s ({rate:.1f} tok/s, eager reference ops)",
+        f"{stats['elapsed_s']:.2f} s ({rate:.1f} tok/s, {'compiled graphs' if llm.runner else 'eager reference ops'})",
         file=sys.stderr,
     )
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from .default_model import default_model_dir
+    from .graphs.buckets import Buckets
+    from .graphs.compile import compile_artifacts
+
+    model = args.model or str(default_model_dir())
+    buckets = Buckets.parse(args.buckets) if args.buckets else Buckets.default(args.device)
+    print(f"compiling {model} for {args.device}: {len(buckets.sizes)} buckets {list(buckets.sizes)}", flush=True)
+    manifest = compile_artifacts(
+        model, args.out, buckets, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        max_model_len=args.max_model_len, progress=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    print(f"wrote {args.out}: {len(manifest.buckets)} graphs in {manifest.compile_s:.1f} s "
+          f"(max_model_len {manifest.max_model_len}, block size {manifest.block_size})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "generate":
+        if args.command == "compile":
+            _compile(args)
+        elif args.command == "generate":
             _generate(args)
     except (ValueError, OSError) as e:  # bad input: config, checkpoint, prompt or parameters
         print(f"glm5c: error: {e}", file=sys.stderr)

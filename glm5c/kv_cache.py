@@ -58,5 +58,8 @@ class KVCache:
 
     @staticmethod
     def write(cache: Tensor, slot_mapping: Tensor, rows: Tensor) -> None:
-        """cache [num_blocks + 1, block_size, W] <- rows [T, W] at slot_mapping [T]."""
-        cache.view(-1, cache.shape[-1])[slot_mapping] = rows.to(cache.dtype)
+        """cache [num_blocks + 1, block_size, W] <- rows [T, W] at slot_mapping [T].
+        One index_put_ on the whole per-layer tensor (not through a reshaped view), which a
+        compiled graph turns into a write of just these rows."""
+        block_size = cache.shape[1]
+        cache.index_put_((slot_mapping // block_size, slot_mapping % block_size), rows.to(cache.dtype))

@@ -58,7 +58,10 @@ class LLM:
         max_tokens_per_step: int = 256,
         ops: Ops = REFERENCE,
         keep_fp8: bool = True,
+        artifacts: str | Path | None = None,
     ) -> None:
+        """`artifacts`: a directory from `glm5c compile`; steps then run its compiled graphs
+        (and nothing is compiled here: stale or mismatched artifacts are refused)."""
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
@@ -67,11 +70,26 @@ class LLM:
             raise ValueError("block_size and max_tokens_per_step must be >= 1")
         self.model_dir = Path(model) if model is not None else default_model_dir()
         self.device = torch.device(device)
+        self.runner = None
+        self.max_model_len = None
+        if artifacts is not None:
+            from glm5c.graphs.compile import compiled_ops
+            from glm5c.graphs.manifest import Manifest
+
+            ops = compiled_ops(Manifest.read(artifacts))
+            keep_fp8 = keep_fp8 and self.device.type != "cuda"  # the GPU graphs take dequantized experts for now
         self.model = build_model(self.model_dir, dtype=dtype, device=self.device, ops=ops, keep_fp8=keep_fp8)
         self.config = self.model.config
         self.tokenizer = load_tokenizer(self.model_dir)
         self.block_size = block_size
         self.max_tokens_per_step = max_tokens_per_step
+        if artifacts is not None:
+            from glm5c.graphs.runner import GraphRunner
+
+            self.runner = GraphRunner(artifacts, self.model, self.model_dir)
+            self.block_size = self.runner.block_size
+            self.max_tokens_per_step = min(max_tokens_per_step, self.runner.buckets.largest)
+            self.max_model_len = self.runner.manifest.max_model_len
         self.last_stats: dict[str, float] = {}
 
     # ---- the public API --------------------------------------------------------------------
@@ -85,11 +103,11 @@ class LLM:
         params_list = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
+        context = self.max_model_len or self.config.max_position_embeddings
         for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
-            if len(ids) + p.max_tokens > self.config.max_position_embeddings:
+            if len(ids) + p.max_tokens > context:
                 raise ValueError(
-                    f"prompt {i}: {len(ids)} tokens + max_tokens {p.max_tokens} exceed the model's "
-                    f"context of {self.config.max_position_embeddings}"
+                    f"prompt {i}: {len(ids)} tokens + max_tokens {p.max_tokens} exceed the context of {context}"
                 )
         return self._run(prompt_ids, params_list)
 
@@ -140,9 +158,10 @@ class LLM:
                                            want_logits=n == todo))  # fmt: skip
                     owners.append(r)
                     budget -= n
-            batch = build_step_batch(chunks, bs, cache.pad_slot, self.device)
+            max_blocks = self.runner.max_blocks if self.runner else None
+            batch = build_step_batch(chunks, bs, cache.pad_slot, self.device, max_blocks=max_blocks)
             with torch.inference_mode():
-                hidden = self.model(batch, cache)
+                hidden = self.runner(batch, cache) if self.runner else self.model(batch, cache)
                 logits = self.model.logits(hidden[batch.logits_indices])  # [N, vocab]
             steps += 1
             tokens_run += batch.num_tokens

@@ -82,8 +82,9 @@ def group_by_expert(expert_ids: Tensor, first_expert: int, n_local: int) -> tupl
     is_local = (local >= 0) & (local < n_local)
     key = torch.where(is_local, local, n_local)  # pairs for other ranks sort into a last, unused group
     order = key.argsort(stable=True)
-    counts = torch.bincount(key, minlength=n_local + 1)[:n_local]
-    return order, counts.cumsum(0).to(torch.int32), is_local[order]
+    # rows with key < e + 1; not bincount, whose output size (and a CUDA host sync) follows max(key)
+    group_ends = torch.searchsorted(key[order], torch.arange(1, n_local + 1, device=key.device), out_int32=True)
+    return order, group_ends, is_local[order]
 
 
 def experts_grouped_mm(
@@ -113,3 +114,40 @@ def experts_grouped_mm(
     y = torch.where(is_local[:, None], y.float() * expert_weights.flatten()[order, None], 0.0)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
     return out.to(x.dtype)
+
+
+@torch.library.custom_op("glm5c::moe_experts", mutates_args=())
+def _moe_experts_op(
+    x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
+    gate_scale: Tensor | None, up_scale: Tensor | None, down_scale: Tensor | None, first_expert: int,
+) -> Tensor:  # fmt: skip
+    from . import linear_ref
+
+    scales = (gate_scale, up_scale, down_scale)
+    if x.dtype == torch.bfloat16 and gate_scale is None:  # one grouped GEMM per projection
+        return experts_grouped_mm(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert,
+                                  linear_ref)  # fmt: skip
+    return experts_ref(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear_ref)
+
+
+@_moe_experts_op.register_fake
+def _(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, gate_scale, up_scale, down_scale, first_expert):
+    return torch.empty_like(x)
+
+
+def experts_op(
+    x: Tensor,
+    expert_ids: Tensor,
+    expert_weights: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    scales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    first_expert: int,
+    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+) -> Tensor:
+    """The reference experts as one opaque custom op (`glm5c::moe_experts`), so a compiled graph
+    can hold the data-dependent per-expert loop: the compiler sees only "[T, D] in, [T, D] out".
+    (`linear` is fixed to the reference inside the op.)"""
+    return torch.ops.glm5c.moe_experts(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, *scales,
+                                       first_expert)  # fmt: skip

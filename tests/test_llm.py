@@ -222,7 +222,7 @@ def test_bad_prompts(llm, prompts, message):
 
 def test_prompt_longer_than_context(llm):
     n = llm.config.max_position_embeddings
-    with pytest.raises(ValueError, match=f"prompt 0: {n} tokens \\+ max_tokens 1 exceed the model's context of {n}"):
+    with pytest.raises(ValueError, match=f"prompt 0: {n} tokens \\+ max_tokens 1 exceed the context of {n}"):
         llm.generate([[1] * n], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match=f"prompt 1: 10 tokens \\+ max_tokens {n - 5} exceed"):
         llm.generate([[1], [1] * 10], SamplingParams(max_tokens=n - 5))

@@ -41,28 +41,36 @@ def test_block_size_does_not_matter(model, block_size):
         assert (a - b).abs().max() < 1e-5
 
 
-def test_padding_tokens_change_nothing(model):
-    ids = _seqs([20])[0]
+def test_padding_to_a_bucket_changes_nothing(model):
+    """A step padded into a larger bucket (the compiled graphs' inputs) gives the real tokens the
+    same outputs, and padding writes only the scratch block."""
+    from glm5c.graphs.step import StaticInputs, StepModule, cache_args
+
+    ids = _seqs([20, 3])
     outs = []
-    for pad_to in (None, 32):
+    for padded in (False, True):
         cache = KVCache(model.config, num_blocks=8, block_size=4, dtype=torch.float32)
-        batch = build_step_batch([SeqChunk(ids, 0, [7, 2, 5, 0, 3], all_logits=True)], 4, cache.pad_slot,
-                                 pad_tokens_to=pad_to)  # fmt: skip
+        chunks = [SeqChunk(ids[0], 0, [7, 2, 5, 0, 3], all_logits=True), SeqChunk(ids[1], 0, [6], all_logits=True)]
+        batch = build_step_batch(chunks, 4, cache.pad_slot)
         with torch.inference_mode():
-            outs.append(model.logits(model(batch, cache)[batch.logits_indices]))
-        if pad_to:
-            assert batch.num_tokens == 32 and (batch.slot_mapping[20:] == cache.pad_slot).all()
-            # the scratch block took the padding writes; real blocks 1, 4, 6 were never touched
-            for layer_cache in cache.latent:
-                assert not layer_cache[[1, 4, 6]].any()
-    assert (outs[0] - outs[1]).abs().max() < 1e-6  # only GEMM blocking differs
+            if padded:
+                inputs = StaticInputs(32, max_blocks=6, device="cpu")
+                inputs.fill(batch, cache.pad_slot, 4)
+                hidden = StepModule(model)(*inputs.args(), *cache_args(cache, model.config.num_hidden_layers))
+                assert hidden.shape[0] == 32 and (inputs.slot_mapping[23:] == cache.pad_slot).all()
+                for layer_cache in cache.latent:  # real blocks 1 and 4 were never touched
+                    assert not layer_cache[[1, 4]].any()
+            else:
+                hidden = model(batch, cache)
+            outs.append(model.logits(hidden[:23]))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5  # only GEMM blocking differs
 
 
 def test_step_batch_layout_errors():
     with pytest.raises(ValueError, match="needs 9 cache slots"):
         build_step_batch([SeqChunk(list(range(9)), 0, [0, 1])], 4, pad_slot=8)
-    with pytest.raises(ValueError, match="do not fit"):
-        build_step_batch([SeqChunk([1, 2, 3], 0, [0])], 4, pad_slot=8, pad_tokens_to=2)
+    with pytest.raises(ValueError, match="more than max_blocks=1"):
+        build_step_batch([SeqChunk([1, 2, 3, 4, 5], 0, [0, 1])], 4, pad_slot=8, max_blocks=1)
 
 
 def test_mtp_layer_uses_its_own_cache_layer(model):

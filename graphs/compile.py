@@ -1,0 +1,210 @@
+"""Ahead-of-time compilation: one AOTInductor package per token bucket.
+
+Why AOTInductor (`torch.export` + `aoti_compile_and_package`): its packages are shared libraries
+that load in ~0.1 s in a fresh process, run with no compiler or Python-level tracing at load
+(so a valid artifact directory means zero compilations at start-up), and carry no weights
+(`package_constants_in_so=False`): the loaded model's own parameters are handed over by name
+(`load_constants(..., user_managed=True)`, zero-copy). The alternatives measured on these machines
+(environment.md) either re-trace with Dynamo at every start (torch.compile + a shipped inductor
+cache), rebuild kernels (the cache-artifact blob), or need g++ at load (aot_compile).
+What AOTInductor does not do — check input shapes, or notice a weight of the wrong shape — the
+runner and the manifest do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import glm5c
+from glm5c.batch import SeqChunk, build_step_batch
+from glm5c.kv_cache import KVCache
+from glm5c.ops import REFERENCE, Ops, moe
+from glm5c.weights import build_model
+
+from .buckets import Buckets
+from .manifest import (
+    FORMAT,
+    MANIFEST_FILE,
+    BucketArtifact,
+    Manifest,
+    config_hash,
+    constants_signature,
+    environment,
+    file_sha256,
+    weight_fingerprint,
+)
+from .step import StaticInputs, StepModule, cache_args
+
+# What the graphs are built from, by device. On a CPU: the references, with the data-dependent
+# expert loop wrapped as one opaque custom op. On a GPU every op must be shape-static with no host
+# sync, so CUDA graphs can capture it: experts run as torch's grouped GEMM (BF16 weights; FP8
+# experts wait for the grouped-GEMM kernels). Fast kernels take their places here as they land.
+_BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
+               "sparse_mla": "sparse_mla_ref"}  # fmt: skip
+_OPS = {
+    "cpu": (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"}),
+    "cuda": (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm),
+             {**_BASE_NAMES, "experts": "experts_grouped_mm"}),
+}  # fmt: skip
+
+
+def ops_for(device: str) -> tuple[Ops, dict[str, str]]:
+    """The op set compiled into graphs for this device, and its names for the manifest."""
+    return _OPS["cuda" if device.startswith("cuda") else "cpu"]
+
+
+def compiled_ops(manifest: Manifest) -> Ops:
+    ops, names = ops_for(manifest.device)
+    if manifest.ops != names:
+        raise ValueError(f"artifacts were built with ops {manifest.ops}, this glm5c compiles {names}")
+    return ops
+
+
+def export_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device):
+    """torch.export of one bucket's step, with the cache's block count left dynamic."""
+    config = model.config
+    cache = KVCache(config, 2, block_size, model.dtype, device, num_layers=config.num_hidden_layers)
+    inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device)
+    latent, index_k = cache_args(cache, config.num_hidden_layers)
+    blocks = torch.export.Dim("cache_blocks", min=2)
+    dynamic = (None,) * 6 + ([{0: blocks}] * len(latent), [{0: blocks}] * len(index_k))
+    return torch.export.export(StepModule(model), (*inputs.args(), latent, index_k), dynamic_shapes=dynamic,
+                               strict=False)  # fmt: skip
+
+
+def _example_inputs(tokens: int, max_blocks: int, block_size: int, pad_slot: int, device) -> StaticInputs:
+    """A full bucket of one-token sequences (only shapes and dtypes matter to the compiler)."""
+    inputs = StaticInputs(tokens, max_blocks, device)
+    chunks = [SeqChunk([1], 0, [0]) for _ in range(tokens)]
+    inputs.fill(build_step_batch(chunks, block_size, pad_slot, device), pad_slot, block_size)
+    return inputs
+
+
+def compile_artifacts(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    buckets: Buckets,
+    device: str = "cpu",
+    dtype: str | None = None,
+    block_size: int = 16,
+    max_model_len: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> Manifest:
+    """Compile every bucket into out_dir (replacing an older artifact directory there) and write
+    the manifest last, atomically: an interrupted compile leaves no directory that looks valid."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+        raise FileExistsError(f"{out_dir} exists, is not empty and is not a glm5c artifact directory")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    torch_device = torch.device(device)
+    ops, op_names = ops_for(device)
+    model = build_model(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=torch_device, ops=ops,
+                        keep_fp8=torch_device.type != "cuda")  # fmt: skip
+    config = model.config
+    max_model_len = max_model_len or min(config.max_position_embeddings, 8192)
+    if not 1 <= max_model_len <= config.max_position_embeddings:
+        raise ValueError(f"max_model_len must be in [1, {config.max_position_embeddings}], got {max_model_len}")
+    max_blocks = -(-max_model_len // block_size)
+    dtype_name = str(model.dtype).removeprefix("torch.")
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "glm5c-inductor-cache"))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    artifacts: list[BucketArtifact] = []
+    start = time.perf_counter()
+    try:
+        for i, tokens in enumerate(buckets.sizes, 1):
+            t = time.perf_counter()
+            program = export_step(model, tokens, max_blocks, block_size, torch_device)
+            name = f"step_{tokens}.pt2"
+            torch._inductor.aoti_compile_and_package(
+                program, package_path=str(stage / name),
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
+            )  # fmt: skip
+            seconds = time.perf_counter() - t
+            artifacts.append(BucketArtifact(tokens, name, file_sha256(stage / name), round(seconds, 2),
+                                            _graph_memory(model, tokens, max_blocks, block_size, torch_device)))  # fmt: skip
+            progress(f"[{i}/{len(buckets.sizes)}] bucket {tokens:5d} tokens compiled in {seconds:6.1f} s")
+        manifest = Manifest(
+            format=FORMAT,
+            glm5c_version=glm5c.__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model_dir=str(Path(model_dir).resolve()),
+            config_hash=config_hash(model_dir),
+            weight_fingerprint=weight_fingerprint(model_dir),
+            dtype=dtype_name,
+            **environment(device),
+            block_size=block_size,
+            max_model_len=max_model_len,
+            ops=op_names,
+            constants_signature=constants_signature(StepModule(model)),
+            buckets=artifacts,
+            compile_s=round(time.perf_counter() - start, 2),
+        )
+        manifest.write(stage)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.chmod(0o755)  # mkdtemp made it private
+        os.rename(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
+
+
+def _graph_memory(model, tokens: int, max_blocks: int, block_size: int, device: torch.device) -> int | None:
+    """Memory a CUDA graph of this bucket will hold: the peak allocated during one eager step
+    beyond what existed before it (weights and cache excluded). None on a CPU."""
+    if device.type != "cuda":
+        return None
+    config = model.config
+    cache = KVCache(config, 2, block_size, model.dtype, device, num_layers=config.num_hidden_layers)
+    inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        StepModule(model)(*inputs.args(), *cache_args(cache, config.num_hidden_layers))
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+_inductor_compiles = 0
+
+
+def _count_inductor_compiles() -> None:
+    """Count every Inductor graph compilation in this process (torch.compile and AOTInductor both
+    go through compile_fx's `_compile_fx_inner`, looked up at call time)."""
+    import torch._inductor.compile_fx as compile_fx
+
+    original = compile_fx._compile_fx_inner
+    if getattr(original, "glm5c_counted", False):
+        return
+
+    def counted(*args, **kwargs):
+        global _inductor_compiles
+        _inductor_compiles += 1
+        return original(*args, **kwargs)
+
+    counted.glm5c_counted = True
+    compile_fx._compile_fx_inner = counted
+
+
+_count_inductor_compiles()
+
+
+def compile_count() -> int:
+    """Graphs compiled in this process since glm5c.graphs.compile was imported: Inductor
+    compilations (AOTInductor's included) plus Dynamo frames. A start from valid artifacts leaves it at 0."""
+    from torch._dynamo.utils import counters
+
+    return _inductor_compiles + counters["stats"].get("unique_graphs", 0)

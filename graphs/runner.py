@@ -1,0 +1,109 @@
+"""Loading compiled artifacts and running a step through them.
+
+On a CPU the runner calls each bucket's AOTInductor package directly. On a GPU it also captures
+each bucket's call once, at load, as a CUDA graph over static input buffers, all graphs sharing
+one memory pool, and replays it per step. Either way a step is: pick the bucket, copy the
+batch into its buffers (padding the rest), run, return the real tokens' hidden states.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from glm5c.batch import StepBatch
+from glm5c.kv_cache import KVCache
+from glm5c.model import GLM5
+
+from . import compile as _compile  # noqa: F401  (counts any compilation from here on)
+from .buckets import Buckets
+from .manifest import Manifest, StaleArtifactsError, constants_signature
+from .step import StaticInputs, StepModule, cache_args
+
+
+class GraphRunner:
+    def __init__(self, artifacts_dir: str | Path, model: GLM5, model_dir: str | Path) -> None:
+        """Load and check `artifacts_dir` for `model` (loaded from `model_dir`); compiles nothing."""
+        self.dir = Path(artifacts_dir)
+        self.manifest = Manifest.read(self.dir)
+        device = model.inv_freq.device
+        self.manifest.check(self.dir, model_dir, str(device), str(model.dtype).removeprefix("torch."))
+        self.model = model
+        self.device = device
+        self.buckets = Buckets(tuple(b.tokens for b in self.manifest.buckets))
+        self.block_size = self.manifest.block_size
+        self.max_blocks = self.manifest.max_blocks
+        step = StepModule(model)
+        named = dict(step.named_parameters()) | dict(step.named_buffers())
+        if constants_signature(step) != self.manifest.constants_signature:
+            raise StaleArtifactsError(
+                f"the model's weights (names, shapes or dtypes) differ from those {self.dir} was compiled for"
+            )
+        self._packages = {}
+        for bucket in self.manifest.buckets:
+            try:
+                package = _load_package(self.dir / bucket.file)
+                fqns = package.get_constant_fqns()
+            except Exception as e:  # a corrupted or foreign package: say which file
+                raise StaleArtifactsError(f"cannot load {self.dir / bucket.file}: {type(e).__name__}: {e}") from None
+            missing = [f for f in fqns if f not in named]
+            if missing:
+                raise StaleArtifactsError(f"{bucket.file} expects weights this model lacks: {missing[:5]}")
+            package.load_constants({f: named[f] for f in fqns}, check_full_update=True, user_managed=True)
+            self._packages[bucket.tokens] = package
+        self._inputs = {t: StaticInputs(t, self.max_blocks, device) for t in self.buckets.sizes}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._graph_cache: KVCache | None = None
+
+    def new_cache(self, num_blocks: int) -> KVCache:
+        return KVCache(self.model.config, num_blocks, self.block_size, self.model.dtype, self.device)
+
+    def __call__(self, batch: StepBatch, cache: KVCache) -> Tensor:
+        """-> hidden [batch.num_tokens, D], as `model(batch, cache)` computes it."""
+        if cache.block_size != self.block_size:
+            raise ValueError(f"cache block size {cache.block_size} != the artifacts' {self.block_size}")
+        tokens = self.buckets.pick(batch.num_tokens)
+        inputs = self._inputs[tokens]
+        inputs.fill(batch, cache.pad_slot, self.block_size)
+        caches = cache_args(cache, self.model.config.num_hidden_layers)
+        if self.device.type == "cuda":
+            return self._replay(tokens, inputs, cache, caches)[: batch.num_tokens]
+        return self._packages[tokens](*inputs.args(), *caches)[: batch.num_tokens]
+
+    def _replay(self, tokens: int, inputs: StaticInputs, cache: KVCache, caches) -> Tensor:
+        """CUDA graphs read fixed addresses: the first step on a cache captures every bucket
+        against it (one shared memory pool); later steps replay."""
+        if self._graph_cache is not cache:
+            self.capture(cache)
+        graph, out = self._graphs[tokens]
+        graph.replay()
+        return out
+
+    def capture(self, cache: KVCache) -> None:
+        caches = cache_args(cache, self.model.config.num_hidden_layers)
+        self._graphs.clear()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for tokens in reversed(self.buckets.sizes):  # largest first, so smaller ones reuse its pool
+            package, inputs = self._packages[tokens], self._inputs[tokens]
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                package(*inputs.args(), *caches)  # warm up outside the graph
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = package(*inputs.args(), *caches)
+            self._graphs[tokens] = (graph, out)
+        self._graph_cache = cache
+
+
+def _load_package(path: Path):
+    """An AOTInductor package's runner, built the way torch's own loader falls back to. Not
+    `aoti_load_package`: before loading, that probes the CPU's vector ISA by compiling C++ test
+    programs (~6 s and a C++ compiler on a fresh machine) only to warn on a mismatch, which the
+    manifest check has already ruled out."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))

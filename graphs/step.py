@@ -1,0 +1,86 @@
+"""The compiled unit — one forward step of the main model over flat, padded tensors — and the
+static input buffers a bucket's graph reads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from glm5c.batch import StepBatch
+from glm5c.kv_cache import KVCache
+from glm5c.model import GLM5
+
+
+class StepModule(nn.Module):
+    """hidden [T, D] = the model over one step. The cache tensors are inputs the step writes in
+    place; their first dim (the block count) stays dynamic, so one graph serves any cache size."""
+
+    def __init__(self, model: GLM5) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        token_ids: Tensor,  # [T]
+        positions: Tensor,  # [T]
+        seq_ids: Tensor,  # [T]
+        slot_mapping: Tensor,  # [T]
+        block_tables: Tensor,  # [T + 1, max_blocks]
+        seq_lens: Tensor,  # [T + 1]
+        latent: list[Tensor],  # per main layer [num_blocks + 1, block_size, kv_cache_dim]
+        index_k: list[Tensor],  # per main layer with an indexer [num_blocks + 1, block_size, index_head_dim]
+    ) -> Tensor:
+        config = self.model.config
+        keys = iter(index_k)
+        cache = SimpleNamespace(
+            latent=latent,
+            index_k=[next(keys) if config.layer_has_indexer(i) else None for i in range(config.num_hidden_layers)],
+        )
+        batch = StepBatch(token_ids, positions, seq_ids, slot_mapping, block_tables, seq_lens, token_ids[:0])
+        return self.model(batch, cache)
+
+
+def cache_args(cache: KVCache, num_layers: int) -> tuple[list[Tensor], list[Tensor]]:
+    """The main layers' cache tensors in StepModule's argument order."""
+    latent = cache.latent[:num_layers]
+    return latent, [t for t in cache.index_k[:num_layers] if t is not None]
+
+
+class StaticInputs:
+    """One bucket's input buffers. A step is copied in and padded: padding tokens write to the
+    cache's scratch slot and belong to an extra sequence row whose blocks are all scratch."""
+
+    def __init__(self, tokens: int, max_blocks: int, device: torch.device | str) -> None:
+        self.tokens = tokens
+        self.max_blocks = max_blocks
+
+        def buf(*shape: int, dtype: torch.dtype = torch.int64) -> Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.token_ids, self.positions, self.seq_ids, self.slot_mapping = (buf(tokens) for _ in range(4))
+        self.block_tables = buf(tokens + 1, max_blocks, dtype=torch.int32)
+        self.seq_lens = buf(tokens + 1, dtype=torch.int32)
+
+    def fill(self, batch: StepBatch, pad_slot: int, block_size: int) -> None:
+        n, rows = batch.num_tokens, batch.block_tables.shape[0]
+        width = batch.block_tables.shape[1]
+        if n > self.tokens or rows > self.tokens or width > self.max_blocks:
+            raise ValueError(
+                f"step of {n} tokens, {rows} sequences and {width} blocks per sequence does not fit a bucket of "
+                f"{self.tokens} tokens and {self.max_blocks} blocks"
+            )
+        for name in ("token_ids", "positions", "seq_ids", "slot_mapping"):
+            getattr(self, name)[:n].copy_(getattr(batch, name))
+        self.token_ids[n:] = 0
+        self.positions[n:] = 0
+        self.seq_ids[n:] = rows  # the first unused row: all scratch blocks
+        self.slot_mapping[n:] = pad_slot
+        self.block_tables.fill_(pad_slot // block_size)
+        self.block_tables[:rows, :width].copy_(batch.block_tables)
+        self.seq_lens.fill_(1)
+        self.seq_lens[:rows].copy_(batch.seq_lens)
+
+    def args(self) -> tuple[Tensor, ...]:
+        return self.token_ids, self.positions, self.seq_ids, self.slot_mapping, self.block_tables, self.seq_lens

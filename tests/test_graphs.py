@@ -1,0 +1,177 @@
+"""Ahead-of-time compiled steps (graphs/): compiled == eager for every bucket, padding is
+harmless, a fresh process loads artifacts with zero compilations, and stale or corrupted
+artifacts are refused with a clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glm5c import LLM, SamplingParams
+from glm5c.batch import SeqChunk, build_step_batch
+from glm5c.graphs.buckets import Buckets
+from glm5c.graphs.compile import compile_artifacts, compile_count, ops_for
+from glm5c.graphs.manifest import MANIFEST_FILE, StaleArtifactsError
+from glm5c.graphs.runner import GraphRunner
+from glm5c.kv_cache import KVCache
+
+BUCKETS = (1, 4)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_dir, tmp_path_factory):
+    before = compile_count()
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    compile_artifacts(tiny_dir, out, Buckets(BUCKETS), block_size=4, max_model_len=128, progress=lambda _: None)
+    assert compile_count() > before  # the counter sees compilations (so 0 at load means something)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_dir, artifacts):
+    return LLM(tiny_dir, artifacts=artifacts)
+
+
+def _seqs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(22, 1300, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3, 4])  # 3 decodes run padded in bucket 4
+def test_compiled_step_equals_eager(compiled, num_seqs):
+    runner, model = compiled.runner, compiled.model
+    prompts = _seqs([9, 30, 17, 2][:num_seqs])
+    outs = []
+    for use_graph in (False, True):
+        cache = runner.new_cache(num_blocks=40)
+        tables = [list(range(i * 10 + 9, i * 10 - 1, -1)) for i in range(num_seqs)]  # non-contiguous
+        for pos in range(max(len(p) for p in prompts)):  # token-by-token through the cache
+            chunks = [SeqChunk([p[pos]], pos, t) for p, t in zip(prompts, tables) if pos < len(p)]
+            batch = build_step_batch(chunks, 4, cache.pad_slot, max_blocks=runner.max_blocks)
+            with torch.inference_mode():
+                hidden = runner(batch, cache) if use_graph else model(batch, cache)
+        outs.append((hidden, [t[:-1].clone() for t in cache.latent]))  # all but the scratch block
+    assert (outs[0][0] - outs[1][0]).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_compiled_generation_equals_eager(tiny_dir, compiled):
+    """Prompts longer than the largest bucket prefill in bucket-sized chunks; tokens are identical."""
+    prompts = _seqs([3, 21, 40], seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    eager = LLM(tiny_dir).generate(prompts, params)
+    assert [o.token_ids for o in compiled.generate(prompts, params)] == [o.token_ids for o in eager]
+
+
+def test_fresh_process_loads_with_zero_compilations(tiny_dir, artifacts, tmp_path):
+    cache_dir = tmp_path / "inductor-cache"
+    code = (
+        "import sys, torch; from glm5c import LLM, SamplingParams; from glm5c.graphs.compile import compile_count\n"
+        "llm = LLM(sys.argv[1], artifacts=sys.argv[2])\n"
+        "out = llm.generate([[100, 101, 102, 103, 104, 105]], SamplingParams(max_tokens=4, temperature=0))\n"
+        "print(compile_count(), len(out[0].token_ids))"
+    )
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_dir), str(artifacts)], capture_output=True,
+                            text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "4"]
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*.so"))  # nothing was built
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_changed_config_is_refused(tiny_dir, artifacts, tmp_path):
+    model = _copy(tiny_dir, tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-6
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StaleArtifactsError, match=r"config\.json \(hash\).*Rebuild them: glm5c compile --model"):
+        LLM(model, artifacts=artifacts)
+
+
+def test_changed_weights_are_refused(tiny_dir, artifacts, tmp_path):
+    model = _copy(tiny_dir, tmp_path / "model")
+    shard = sorted(model.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header] ^= 0xFF  # flip bits in the first tensor's first byte
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StaleArtifactsError, match=r"weights \(fingerprint\)"):
+        LLM(model, artifacts=artifacts)
+
+
+def test_other_dtype_is_refused(tiny_dir, artifacts):
+    with pytest.raises(StaleArtifactsError, match="dtype: built for 'float32', now 'bfloat16'"):
+        LLM(tiny_dir, dtype="bfloat16", artifacts=artifacts)
+
+
+@pytest.mark.parametrize("damage", ["truncated_graph", "missing_graph", "garbage_manifest", "no_manifest"])
+def test_corrupted_artifacts_give_a_clear_error(tiny_dir, artifacts, tmp_path, damage):
+    broken = _copy(artifacts, tmp_path / "artifacts")
+    graph = broken / "step_4.pt2"
+    if damage == "truncated_graph":
+        graph.write_bytes(graph.read_bytes()[:1000])
+    elif damage == "missing_graph":
+        graph.unlink()
+    elif damage == "garbage_manifest":
+        (broken / MANIFEST_FILE).write_text("{not json")
+    else:
+        (broken / MANIFEST_FILE).unlink()
+    expected = {"truncated_graph": "step_4.pt2 is corrupted", "missing_graph": "step_4.pt2 is missing",
+                "garbage_manifest": "is corrupted", "no_manifest": "not a glm5c artifact directory"}[damage]  # fmt: skip
+    with pytest.raises(StaleArtifactsError, match=expected):
+        LLM(tiny_dir, artifacts=broken)
+
+
+def test_step_larger_than_the_largest_bucket_is_an_error(compiled):
+    cache = compiled.runner.new_cache(num_blocks=8)
+    batch = build_step_batch([SeqChunk(list(range(5)), 0, [0, 1])], 4, cache.pad_slot)
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        compiled.runner(batch, cache)
+
+
+def test_buckets():
+    b = Buckets.parse("8, 1,4,4")
+    assert b.sizes == (1, 4, 8) and b.pick(1) == 1 and b.pick(3) == 4 and b.pick(8) == 8
+    with pytest.raises(ValueError, match="comma-separated"):
+        Buckets.parse("1,two")
+    with pytest.raises(ValueError, match="positive"):
+        Buckets((0, 4))
+    assert Buckets.default("cuda").sizes[:4] == (1, 2, 4, 8) and 256 in Buckets.default("cuda").sizes
+
+
+def test_compile_refuses_a_foreign_directory(tiny_dir, tmp_path):
+    (tmp_path / "precious.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a glm5c artifact directory"):
+        compile_artifacts(tiny_dir, tmp_path, Buckets((1,)), progress=lambda _: None)
+
+
+def test_cli_compile_bad_input(capsys, tmp_path):
+    from glm5c.cli import main
+
+    assert main(["compile", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a"), "--buckets", "1"]) == 2
+    assert "glm5c: error:" in capsys.readouterr().err
+    assert main(["compile", "--out", str(tmp_path / "a"), "--buckets", "x"]) == 2
+    assert "comma-separated" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replay_equals_eager(tiny_dir, tmp_path):
+    out = tmp_path / "cuda-artifacts"
+    compile_artifacts(tiny_dir, out, Buckets(BUCKETS), device="cuda", dtype="bfloat16", block_size=4,
+                      max_model_len=128, progress=lambda _: None)  # fmt: skip
+    llm = LLM(tiny_dir, device="cuda", dtype="bfloat16", artifacts=out)
+    eager = LLM(tiny_dir, device="cuda", dtype="bfloat16", ops=ops_for("cuda")[0])  # the same math, uncompiled
+    prompts = _seqs([3, 21, 40], seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in eager.generate(prompts, params)]
