@@ -70,7 +70,13 @@ class GraphRunner:
         caches = cache_args(cache, self.model.config.num_hidden_layers)
         if self.device.type == "cuda":
             return self._replay(tokens, inputs, cache, caches)[: batch.num_tokens]
-        return self._packages[tokens](*inputs.args(), *caches)[: batch.num_tokens]
+        return self._run(tokens, inputs, caches)[: batch.num_tokens]
+
+    def _run(self, tokens: int, inputs: StaticInputs, caches: tuple[list[Tensor], list[Tensor]]) -> Tensor:
+        """Call the package with its inputs already flat, in StepModule's order (the package's own
+        __call__ re-parses its pytree spec on every call)."""
+        latent, index_k = caches
+        return self._packages[tokens].loader.boxed_run([*inputs.args(), *latent, *index_k])[0]
 
     def _replay(self, tokens: int, inputs: StaticInputs, cache: KVCache, caches) -> Tensor:
         """CUDA graphs read fixed addresses: the first step on a cache captures every bucket
@@ -87,14 +93,14 @@ class GraphRunner:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for tokens in reversed(self.buckets.sizes):  # largest first, so smaller ones reuse its pool
-            package, inputs = self._packages[tokens], self._inputs[tokens]
+            inputs = self._inputs[tokens]
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                package(*inputs.args(), *caches)  # warm up outside the graph
+                self._run(tokens, inputs, caches)  # warm up outside the graph
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = package(*inputs.args(), *caches)
+                out = self._run(tokens, inputs, caches)
             self._graphs[tokens] = (graph, out)
         self._graph_cache = cache
 
