@@ -1,0 +1,139 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step has a token budget (the largest compiled bucket). Running sequences go first, oldest
+first: a decode takes one token, a prefill in progress takes its next chunk. Then waiting
+sequences are admitted in arrival order while budget, sequence slots and KV blocks last, each
+starting with the first chunk of its prompt (minus what the prefix cache already holds). When a
+running sequence needs a block and none is free, the newest running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed from its prompt and
+the tokens it already generated. The queue is bounded; a full queue rejects new requests.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sampling import SamplingParams
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; the request was not accepted."""
+
+
+@dataclass
+class Sequence:
+    id: str
+    prompt_len: int
+    tokens: list[int]  # prompt, then generated tokens
+    params: SamplingParams
+    arrival: int
+    num_computed: int = 0  # leading tokens whose cache entries are written
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    first_token_step: int | None = None
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: Sequence
+    start: int  # first position this step computes
+    num_tokens: int
+
+    @property
+    def needs_logits(self) -> bool:
+        """The chunk reaches the sequence's last token, so the next token is sampled from it."""
+        return self.start + self.num_tokens == len(self.seq.tokens)
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    steps: int = 0
+    scheduled_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_tokens_per_step: int, max_seqs: int, max_waiting: int) -> None:
+        if min(max_tokens_per_step, max_seqs, max_waiting) < 1:
+            raise ValueError("max_tokens_per_step, max_seqs and max_waiting must be >= 1")
+        self.blocks = blocks
+        self.max_tokens_per_step = max_tokens_per_step
+        self.max_seqs = max_seqs
+        self.max_waiting = max_waiting
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+        needed = self.blocks.blocks_for(len(seq.tokens) + seq.params.max_tokens)
+        if needed > self.blocks.num_blocks:
+            raise ValueError(
+                f"request {seq.id!r} needs {needed} KV blocks for {len(seq.tokens)} prompt tokens + max_tokens "
+                f"{seq.params.max_tokens}, more than the whole cache ({self.blocks.num_blocks} blocks)"
+            )
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.id == seq_id:
+                    queue.remove(seq)
+                    self.blocks.free_sequence(seq_id)
+                    return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq.id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_tokens_per_step
+        chunks: list[Chunk] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            while not self.blocks.grow(seq.id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+            seq = self.waiting[0]
+            cached = self.blocks.allocate_prompt(seq.id, seq.tokens)
+            if cached is None:
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.num_computed = cached
+            self.running.append(seq)
+            n = min(len(seq.tokens) - cached, budget)
+            chunks.append(Chunk(seq, cached, n))
+            budget -= n
+        self.stats.steps += 1
+        self.stats.scheduled_tokens += self.max_tokens_per_step - budget
+        return chunks
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq.id)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(seq)
