@@ -7,6 +7,13 @@ Positions are counted within a sequence; a key at position s is visible to a que
 at position p when s <= p. Caches are paged: [num_blocks, block_size, width], and a
 sequence's position s lives at slot block_tables[seq, s // block_size] * block_size + s % block_size.
 
+The indexer key cache is either plain (bf16/fp32, exact) or FP8: e4m3 keys with one fp32 scale
+per token, `index_scale [num_blocks, block_size]` (scale = amax / 448). With an FP8 cache the
+queries are quantized the same way per (token, head) and their scales folded into the head
+weights, so every product is fp8 x fp8 with fp32 accumulation, as production engines do:
+    score(t, s) = k_scale[s] * sum_h (w[t, h] * q_scale[t, h]) * relu(q8[t, h] . k8[s])
+(both scales are positive, so they pass through the ReLU).
+
 These functions know no model: they take tensors and sizes. Fast Triton kernels with the
 same signatures plug in through `glm5c.ops.Ops`.
 """
@@ -16,12 +23,69 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fp8 import quantize_act_groups
+
 
 def gather_sequences(cache: Tensor, block_tables: Tensor) -> Tensor:
     """cache [num_blocks, block_size, D], block_tables [B, max_blocks] -> [B, max_blocks * block_size, D]."""
     num_seqs, max_blocks = block_tables.shape
     rows = cache[block_tables.long()]  # [B, max_blocks, block_size, D]
     return rows.reshape(num_seqs, max_blocks * cache.shape[1], cache.shape[2])
+
+
+def quantize_rows_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., D] -> (x_fp8 [..., D] float8_e4m3fn, scale [...] fp32): one scale per row, amax / 448."""
+    x_fp8, scale = quantize_act_groups(x, group=x.shape[-1])  # scale [..., 1]
+    return x_fp8, scale[..., 0]
+
+
+def index_cache_write_ref(k: Tensor, slot_mapping: Tensor, index_cache: Tensor, index_scale: Tensor | None) -> None:
+    """Write indexer keys k [T, D] at slot_mapping [T] into index_cache [num_blocks, block_size, D]:
+    as they are (cast to the cache dtype) when index_scale is None, else as FP8 e4m3 with their
+    per-token scale into index_scale [num_blocks, block_size]."""
+    rows = index_cache.view(-1, index_cache.shape[-1])
+    if index_scale is None:
+        rows[slot_mapping] = k.to(index_cache.dtype)
+        return
+    k_fp8, scale = quantize_rows_fp8(k)  # [T, D], [T]
+    rows[slot_mapping] = k_fp8
+    index_scale.view(-1)[slot_mapping] = scale
+
+
+def indexer_scores_ref(
+    q: Tensor,  # [T, H, D] indexer queries (RoPE applied), fp32
+    weights: Tensor,  # [T, H] per-head weights with every scale folded in, fp32
+    index_cache: Tensor,  # [num_blocks, block_size, D] indexer keys (fp8 when index_scale is given)
+    block_tables: Tensor,  # [B, max_blocks]
+    seq_ids: Tensor,  # [T] row of block_tables for each query token
+    positions: Tensor,  # [T] position of each query token in its sequence
+    index_scale: Tensor | None = None,  # [num_blocks, block_size] fp32 per-key scale of an FP8 cache
+) -> Tensor:
+    """Scores of every key position of each token's sequence: [T, max_blocks * block_size] fp32,
+    -inf where the key is not visible (after the token's position)."""
+    keys = gather_sequences(index_cache, block_tables)[seq_ids.long()].float()  # [T, S, D]
+    weights = weights.float()
+    if index_scale is not None:
+        q_fp8, q_scale = quantize_rows_fp8(q)  # [T, H, D], [T, H]
+        q, weights = q_fp8, weights * q_scale
+        key_scale = gather_sequences(index_scale[..., None], block_tables)[seq_ids.long()]  # [T, S, 1]
+        keys = keys * key_scale.float()
+    scores = torch.relu(torch.einsum("thd,tsd->ths", q.float(), keys))  # [T, H, S]
+    scores = torch.einsum("th,ths->ts", weights, scores)  # [T, S]
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    visible = key_pos[None, :] <= positions[:, None]  # [T, S]
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def topk_indices_ref(scores: Tensor, topk: int) -> Tensor:
+    """scores [T, S] (-inf = not a candidate) -> column indices of the `topk` best candidates,
+    [T, topk] int32, -1 in slots left empty. Order within a row is unspecified."""
+    k = min(topk, scores.shape[1])
+    best, idx = scores.topk(k, dim=-1)  # [T, k]
+    idx = idx.to(torch.int32).masked_fill(best == float("-inf"), -1)
+    if k < topk:
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], topk - k), -1)], dim=-1)
+    return idx
 
 
 def indexer_topk_ref(
@@ -32,22 +96,12 @@ def indexer_topk_ref(
     seq_ids: Tensor,  # [T] row of block_tables for each query token
     positions: Tensor,  # [T] position of each query token in its sequence
     topk: int,
+    index_scale: Tensor | None = None,  # [num_blocks, block_size] per-key scale of an FP8 cache
 ) -> Tensor:
     """Indices (positions in the sequence) of the `topk` best-scoring visible keys: [T, topk] int32,
     -1 in the slots left empty when fewer than `topk` keys are visible. Order within a row is unspecified."""
-    keys = gather_sequences(index_cache, block_tables)[seq_ids.long()].float()  # [T, S, D]
-    num_keys = keys.shape[1]
-    scores = torch.relu(torch.einsum("thd,tsd->ths", q.float(), keys))  # [T, H, S]
-    scores = torch.einsum("th,ths->ts", weights.float(), scores)  # [T, S]
-    key_pos = torch.arange(num_keys, device=q.device)
-    visible = key_pos[None, :] <= positions[:, None]  # [T, S]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    k = min(topk, num_keys)
-    best, idx = scores.topk(k, dim=-1)  # [T, k]
-    idx = idx.to(torch.int32).masked_fill(best == float("-inf"), -1)
-    if k < topk:
-        idx = torch.cat([idx, idx.new_full((idx.shape[0], topk - k), -1)], dim=-1)
-    return idx
+    scores = indexer_scores_ref(q, weights, index_cache, block_tables, seq_ids, positions, index_scale)
+    return topk_indices_ref(scores, topk)
 
 
 def sparse_mla_ref(
