@@ -15,8 +15,9 @@ from .batch import SeqChunk, build_step_batch
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .mtp import CatchUp, Drafter, accept_greedy
 from .ops import REFERENCE, Ops
-from .sampling import SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, sample
 from .scheduler import Chunk, Scheduler, Sequence
 from .weights import build_model
 
@@ -31,6 +32,7 @@ class EngineConfig:
     max_seqs: int = 256
     max_waiting: int = 4096
     prefix_caching: bool = True
+    num_speculative_tokens: int = 0  # MTP drafts per decoding request (greedy requests); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_tokens_per_step", "max_seqs", "max_waiting"):
@@ -38,6 +40,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"EngineConfig.num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"EngineConfig.num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}")
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,10 @@ class Engine:
         self.cache = KVCache(self.model_config, num_blocks, block_size, self.model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_tokens, config.max_seqs, config.max_waiting)
+        k = config.num_speculative_tokens
+        self.drafter = Drafter(self.model, self.cache, self.blocks, k) if k else None
         self.eos = set(self.model_config.eos_token_ids)
-        self._generators: dict[str, torch.Generator | None] = {}
+        self._active: set[str] = set()  # request ids queued or running
         self._arrivals = itertools.count()
         self.step_times_s: list[float] = []
         self.forward_times_s: list[float] = []
@@ -108,15 +114,15 @@ class Engine:
                 f"request {request_id!r}: {len(prompt_token_ids)} prompt tokens + max_tokens {params.max_tokens} "
                 f"exceed the context of {self.max_model_len}"
             )
-        if request_id in self._generators:
+        if request_id in self._active:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, len(prompt_token_ids), list(prompt_token_ids), params, next(self._arrivals))
         self.scheduler.add(seq)
-        self._generators[request_id] = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self._active.add(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its blocks. -> whether it was still queued or running."""
-        self._generators.pop(request_id, None)
+        self._active.discard(request_id)
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
@@ -130,8 +136,8 @@ class Engine:
             return []
         bs = self.blocks.block_size
         seq_chunks = [
-            SeqChunk(c.seq.tokens[c.start : c.start + c.num_tokens], c.start, self.blocks.tables[c.seq.id],
-                     want_logits=c.needs_logits)  # fmt: skip
+            SeqChunk(c.token_ids, c.start, self.blocks.tables[c.seq.id], want_logits=c.needs_logits,
+                     all_logits=c.needs_logits and bool(c.seq.draft))  # fmt: skip
             for c in chunks
         ]
         max_blocks = self.runner.max_blocks if self.runner else None
@@ -141,33 +147,77 @@ class Engine:
             hidden = self.runner(batch, self.cache) if self.runner else self.model(batch, self.cache)
             logits = self.model.logits(hidden[batch.logits_indices])  # [N, vocab]
         self.forward_times_s.append(time.perf_counter() - t)
-        outputs = self._advance(chunks, logits)
+        outputs, catch_ups = self._advance(chunks, hidden, logits)
+        if self.drafter is not None:
+            self.drafter.catch_up_and_draft(catch_ups)
         self.step_times_s.append(time.perf_counter() - start)
         return outputs
 
-    def _advance(self, chunks: list[Chunk], logits: torch.Tensor) -> list[StepOutput]:
-        outputs = []
-        row = 0
+    def _advance(
+        self, chunks: list[Chunk], hidden: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[list[StepOutput], list[CatchUp]]:
+        """Sample (or verify drafts), append tokens, finish sequences. -> outputs, and the positions
+        each sequence validly computed this step with their hidden states (for the MTP drafter)."""
+        # one batched sampling call for every sequence that samples a plain next token
+        rows, sampling, row = [], [], 0
         for chunk in chunks:
-            seq = chunk.seq
-            seq.num_computed += chunk.num_tokens
+            if chunk.needs_logits and not chunk.seq.draft:
+                rows.append(row)
+                sampling.append(chunk.seq)
+            row += (chunk.num_tokens if chunk.seq.draft else 1) if chunk.needs_logits else 0
+        sampled: dict[str, int] = {}
+        if sampling:
+            batch = SamplingBatch.from_params(
+                [s.params for s in sampling], [s.output for s in sampling], [s.tokens[: s.prompt_len] for s in sampling],
+                [len(s.tokens) for s in sampling], logits.shape[-1], logits.device,
+            )  # fmt: skip
+            ids = sample(logits[rows], batch).token_ids.tolist()
+            sampled = {s.id: t for s, t in zip(sampling, ids)}
+
+        outputs, catch_ups = [], []
+        offset = row = 0
+        for chunk in chunks:
+            seq, rows_hidden = chunk.seq, hidden[offset : offset + chunk.num_tokens]
+            offset += chunk.num_tokens
+            needs_logits = chunk.needs_logits  # (before the sequence grows below)
+            new_tokens: list[int] = []
+            valid = chunk.num_tokens
+            if needs_logits and seq.draft:  # verify: keep the drafts the main model agrees with
+                target = logits[row : row + chunk.num_tokens].argmax(-1).tolist()  # [1 + k]
+                row += chunk.num_tokens
+                accepted = accept_greedy(seq.draft, target)
+                new_tokens, valid = target[: accepted + 1], 1 + accepted
+                self.drafter.stats.accepted += accepted
+                self.drafter.stats.verify_steps += 1
+            elif needs_logits:
+                new_tokens = [sampled[seq.id]]
+                row += 1
+            seq.num_computed += valid
+            seq.draft = []
             self.blocks.cache_full_blocks(seq.id, seq.tokens, seq.num_computed)
-            if not chunk.needs_logits:
-                continue
-            token = sample(logits[row], seq.params, self._generators.get(seq.id))
-            row += 1
+            emitted = self._append(seq, new_tokens)
+            if seq.finish_reason is None:
+                catch_ups.append(CatchUp(seq, chunk.start, rows_hidden[:valid], wants_draft=needs_logits))
+            if emitted:
+                outputs.append(StepOutput(seq.id, emitted, seq.finish_reason is not None, seq.finish_reason))
+        return outputs, catch_ups
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        """Append tokens until a stop: an eos or stop token (kept), or max_tokens."""
+        params = seq.params
+        for i, token in enumerate(tokens):
             seq.tokens.append(token)
-            params = seq.params
             if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
                 self._finish(seq, "stop")
             elif len(seq.output) >= params.max_tokens:
                 self._finish(seq, "length")
-            outputs.append(StepOutput(seq.id, [token], seq.finish_reason is not None, seq.finish_reason))
-        return outputs
+            if seq.finish_reason is not None:
+                return tokens[: i + 1]
+        return tokens
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
-        self._generators.pop(seq.id, None)
+        self._active.discard(seq.id)
 
 
 def default_num_blocks(

@@ -1,28 +1,21 @@
-"""In-process generation: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
-
-The loop here batches every request into each step: prompts are prefilled in chunks under a
-per-step token budget, mixed with one decode token per running request, through the paged
-cache. (The runtime's scheduler, block manager and on-device sampler replace this loop.)
-"""
+"""In-process generation: `LLM(model_dir).generate(prompts, SamplingParams(...))`, a thin layer
+over the step-level `Engine`: every prompt becomes a request, and steps run until all finish."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .batch import SeqChunk, build_step_batch
 from .default_model import default_model_dir
-from .kv_cache import KVCache
+from .engine import Engine, EngineConfig
 from .ops import REFERENCE, Ops
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
-from .weights import build_model
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -31,21 +24,6 @@ class RequestOutput:
     token_ids: list[int]  # the generated ids
     text: str | None  # the generated text, when the model directory has a tokenizer
     finish_reason: str  # "stop" (eos or a stop token) | "length" (max_tokens)
-
-
-@dataclass
-class _Request:
-    prompt: list[int]
-    params: SamplingParams
-    blocks: list[int]
-    generator: torch.Generator | None
-    output: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose cache entries are written
-    finish_reason: str | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
 
 
 class LLM:
@@ -59,38 +37,21 @@ class LLM:
         ops: Ops = REFERENCE,
         keep_fp8: bool = True,
         artifacts: str | Path | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         """`artifacts`: a directory from `glm5c compile`; steps then run its compiled graphs
-        (and nothing is compiled here: stale or mismatched artifacts are refused)."""
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-            dtype = _DTYPES[dtype]
-        if block_size < 1 or max_tokens_per_step < 1:
-            raise ValueError("block_size and max_tokens_per_step must be >= 1")
+        (and nothing is compiled here: stale or mismatched artifacts are refused).
+        `engine_config` overrides block_size / max_tokens_per_step and sets the rest (KV blocks,
+        prefix caching, MTP drafts)."""
+        config = engine_config or EngineConfig(block_size=block_size, max_tokens_per_step=max_tokens_per_step)
         self.model_dir = Path(model) if model is not None else default_model_dir()
-        self.device = torch.device(device)
-        self.runner = None
-        self.max_model_len = None
-        if artifacts is not None:
-            from glm5c.graphs.compile import compiled_ops
-            from glm5c.graphs.manifest import Manifest
-
-            ops = compiled_ops(Manifest.read(artifacts))
-            keep_fp8 = keep_fp8 and self.device.type != "cuda"  # the GPU graphs take dequantized experts for now
-        self.model = build_model(self.model_dir, dtype=dtype, device=self.device, ops=ops, keep_fp8=keep_fp8)
+        self.engine = Engine(self.model_dir, dtype, device, config, artifacts, ops, keep_fp8)
+        self.model = self.engine.model
         self.config = self.model.config
+        self.runner = self.engine.runner
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.block_size = block_size
-        self.max_tokens_per_step = max_tokens_per_step
-        if artifacts is not None:
-            from glm5c.graphs.runner import GraphRunner
-
-            self.runner = GraphRunner(artifacts, self.model, self.model_dir)
-            self.block_size = self.runner.block_size
-            self.max_tokens_per_step = min(max_tokens_per_step, self.runner.buckets.largest)
-            self.max_model_len = self.runner.manifest.max_model_len
         self.last_stats: dict[str, float] = {}
+        self._ids = itertools.count()
 
     # ---- the public API --------------------------------------------------------------------
     def generate(
@@ -103,7 +64,7 @@ class LLM:
         params_list = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
-        context = self.max_model_len or self.config.max_position_embeddings
+        context = self.engine.max_model_len
         for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
             if len(ids) + p.max_tokens > context:
                 raise ValueError(
@@ -129,59 +90,29 @@ class LLM:
         return ids
 
     def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        bs = self.block_size
-        need = [-(-(len(p) + sp.max_tokens) // bs) for p, sp in zip(prompts, params)]
-        cache = KVCache(self.config, sum(need), bs, self.model.dtype, self.device)
-        free = list(range(cache.num_blocks))  # handed out from the end: tables are not contiguous
-        reqs = []
-        for p, sp, n in zip(prompts, params, need):
-            blocks = [free.pop() for _ in range(n)]
-            gen = torch.Generator().manual_seed(sp.seed) if sp.seed is not None else None
-            reqs.append(_Request(p, sp, blocks, gen))
-        eos = set(self.config.eos_token_ids)
-
-        start, steps, tokens_run = time.perf_counter(), 0, 0
-        while running := [r for r in reqs if r.finish_reason is None]:
-            budget = self.max_tokens_per_step
-            chunks, owners = [], []
-            for r in running:  # decodes first (one token each), then prefill chunks
-                todo = len(r.tokens) - r.num_computed
-                if todo == 1 and budget > 0:
-                    chunks.append(SeqChunk(r.tokens[-1:], r.num_computed, r.blocks))
-                    owners.append(r)
-                    budget -= 1
-            for r in running:
-                todo = len(r.tokens) - r.num_computed
-                if todo > 1 and budget > 0:
-                    n = min(todo, budget)
-                    chunks.append(SeqChunk(r.tokens[r.num_computed : r.num_computed + n], r.num_computed, r.blocks,
-                                           want_logits=n == todo))  # fmt: skip
-                    owners.append(r)
-                    budget -= n
-            max_blocks = self.runner.max_blocks if self.runner else None
-            batch = build_step_batch(chunks, bs, cache.pad_slot, self.device, max_blocks=max_blocks)
-            with torch.inference_mode():
-                hidden = self.runner(batch, cache) if self.runner else self.model(batch, cache)
-                logits = self.model.logits(hidden[batch.logits_indices])  # [N, vocab]
-            steps += 1
-            tokens_run += batch.num_tokens
-            row = 0
-            for chunk, r in zip(chunks, owners):
-                r.num_computed += len(chunk.token_ids)
-                if not chunk.want_logits:
-                    continue
-                token = sample(logits[row], r.params, r.generator)
-                row += 1
-                r.output.append(token)
-                if (token in eos and not r.params.ignore_eos) or token in r.params.stop_token_ids:
-                    r.finish_reason = "stop"
-                elif len(r.output) >= r.params.max_tokens:
-                    r.finish_reason = "length"
+        engine = self.engine
+        ids = [f"llm-{next(self._ids)}" for _ in prompts]
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                engine.add_request(request_id, prompt, p)
+        except Exception:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
+        reasons: dict[str, str] = {}
+        start, steps_before = time.perf_counter(), len(engine.step_times_s)
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[out.request_id] += out.new_token_ids
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
         elapsed = time.perf_counter() - start
-        generated = sum(len(r.output) for r in reqs)
-        self.last_stats = {"steps": steps, "tokens_run": tokens_run, "generated": generated, "elapsed_s": elapsed}
+        self.last_stats = {"steps": len(engine.step_times_s) - steps_before,
+                           "generated": sum(len(o) for o in outputs.values()), "elapsed_s": elapsed}  # fmt: skip
         return [
-            RequestOutput(r.prompt, r.output, self._decode(r.output), r.finish_reason or "length") for r in reqs
+            RequestOutput(prompt, outputs[i], self._decode(outputs[i]), reasons.get(i, "length"))
+            for i, prompt in zip(ids, prompts)
         ]
 
     def _decode(self, ids: list[int]) -> str | None:

@@ -1,11 +1,23 @@
-"""Sampling parameters (validated once, where a request enters) and the sampler."""
+"""Sampling: parameters (validated once, where a request enters), the per-step SamplingBatch,
+and `sample`, one call per step for the whole batch.
+
+`sample` runs on the logits' device with no host syncs (no .item(), no Python branching on
+tensor values), so it can run inside a captured CUDA graph: the only Python branches are on the
+SamplingBatch's static fields (penalties present, top-k/top-p needed, how many top logprobs),
+which the engine keys its graphs by.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .noise import SAMPLE, gumbel
+
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -18,6 +30,10 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output; 1 = off
+    presence_penalty: float = 0.0  # subtracted from the logit of every token in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    logprobs: int | None = None  # report the n most likely tokens' logprobs too (0..20)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -37,11 +53,22 @@ class SamplingParams:
             raise bad("seed", "must be an integer or None")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "must be a finite number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, name)) or not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be a number in [-2, 2]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def _is_int(x: object) -> bool:
@@ -52,19 +79,154 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [vocab] fp32 -> one token id."""
-    if params.greedy:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p * sorted_probs.sum()
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+# Seeds for requests that bring none: drawn here, so seeded requests never depend on them.
+_UNSEEDED = torch.Generator()
+_UNSEEDED.seed()
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """One step's sampling parameters, one row per request that samples, as device tensors."""
+
+    greedy: Tensor  # [N] bool: temperature 0
+    temperature: Tensor  # [N] fp32, 1 for greedy rows (their logprobs are of the penalized logits)
+    top_k: Tensor  # [N] int64 in [1, V] (V when off)
+    top_p: Tensor  # [N] fp32 in (0, 1]
+    min_p: Tensor  # [N] fp32 in [0, 1]
+    seeds: Tensor  # [N] int64: the request's seed mod 2**64, or one drawn for this step
+    positions: Tensor  # [N] int64: the index in its sequence of the token being sampled
+    repetition_penalty: Tensor  # [N] fp32
+    presence_penalty: Tensor  # [N] fp32
+    frequency_penalty: Tensor  # [N] fp32
+    output_counts: Tensor | None  # [N, V] fp32 occurrences in the output; None when no row has penalties
+    seen: Tensor | None  # [N, V] bool: in the prompt or the output; None when no row has penalties
+    use_top_k_top_p: bool  # static: some sampled row has top_k < V or top_p < 1
+    num_top_logprobs: int  # static: the largest `logprobs` asked for (0 = none)
+
+    @classmethod
+    def from_params(
+        cls,
+        params: list[SamplingParams],
+        output_tokens: list[list[int]],
+        prompt_tokens: list[list[int]],
+        positions: list[int],
+        vocab_size: int,
+        device: torch.device | str,
+    ) -> SamplingBatch:
+        """Row i samples the token at `positions[i]` of a request with `params[i]`, whose prompt
+        and generated tokens so far are `prompt_tokens[i]` and `output_tokens[i]`."""
+        n = len(params)
+        if not len(output_tokens) == len(prompt_tokens) == len(positions) == n:
+            raise ValueError(f"{n} params, {len(output_tokens)} outputs, {len(prompt_tokens)} prompts and "
+                             f"{len(positions)} positions: one of each per row")  # fmt: skip
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size} must be >= 1")
+        unseeded = torch.empty(sum(p.seed is None for p in params), dtype=torch.int64)
+        drawn = iter(unseeded.random_(generator=_UNSEEDED).tolist())
+        seeds = [_int64(p.seed) if p.seed is not None else next(drawn) for p in params]
+
+        def floats(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        def ints(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        counts = seen = None
+        if any(p.penalized for p in params):
+            counts = _token_counts(output_tokens, vocab_size, device)  # [N, V]
+            seen = (_token_counts(prompt_tokens, vocab_size, device) > 0) | (counts > 0)
+        return cls(
+            greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
+            temperature=floats([1.0 if p.greedy else p.temperature for p in params]),
+            top_k=ints([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]),
+            top_p=floats([p.top_p for p in params]),
+            min_p=floats([p.min_p for p in params]),
+            seeds=ints(seeds),
+            positions=ints(positions),
+            repetition_penalty=floats([p.repetition_penalty for p in params]),
+            presence_penalty=floats([p.presence_penalty for p in params]),
+            frequency_penalty=floats([p.frequency_penalty for p in params]),
+            output_counts=counts,
+            seen=seen,
+            use_top_k_top_p=any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p in params),
+            num_top_logprobs=min(max((p.logprobs or 0 for p in params), default=0), vocab_size),
+        )
+
+
+def _int64(seed: int) -> int:
+    """Any Python int -> the int64 with the same low 64 bits."""
+    seed &= 2**64 - 1
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _token_counts(tokens: list[list[int]], vocab_size: int, device: torch.device | str) -> Tensor:
+    """Per-row token lists -> [N, V] fp32 occurrence counts, by scatter_add on the device."""
+    width = max((len(t) for t in tokens), default=0)
+    padded = [t + [vocab_size] * (width - len(t)) for t in tokens]  # vocab_size: a spare column
+    ids = torch.tensor(padded, dtype=torch.int64, device=device).view(len(tokens), width)  # [N, L]
+    counts = torch.zeros(len(tokens), vocab_size + 1, dtype=torch.float32, device=device)
+    return counts.scatter_add_(1, ids, torch.ones(ids.shape, dtype=torch.float32, device=device))[:, :vocab_size]
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: Tensor  # [N] int64
+    logprobs: Tensor  # [N] fp32: the chosen token's logprob
+    top_logprobs: Tensor | None  # [N, n] fp32, descending, n = batch.num_top_logprobs; None when n = 0
+    top_ids: Tensor | None  # [N, n] int64
+
+
+def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
+    """logits [N, V] fp32 -> one token per row.
+
+    Greedy rows take the argmax of the penalized logits. Other rows apply penalties, temperature,
+    top-k, top-p (on the top-k-renormalized distribution), then min-p, and draw by the Gumbel-max
+    trick with noise from (seed, position, vocab index): a request's token depends only on its
+    logits, parameters, seed and position, never on the rest of the batch.
+
+    Logprobs (chosen and top-n) are of log_softmax(penalized logits / temperature), before the
+    top-k/top-p/min-p masks (greedy rows: temperature 1). Rows that asked for fewer than n top
+    logprobs get n; the caller keeps what each asked for."""
+    scaled = _scaled(logits, batch)  # [N, V]
+    drawn = (_masked(scaled, batch) + gumbel(batch.seeds, batch.positions, logits.shape[-1], SAMPLE)).argmax(-1)
+    token_ids = torch.where(batch.greedy, scaled.argmax(-1), drawn)  # [N]
+    logprobs = scaled.log_softmax(-1)  # [N, V]
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
+    if batch.num_top_logprobs == 0:
+        return SampleResult(token_ids, chosen, None, None)
+    top = logprobs.topk(batch.num_top_logprobs, dim=-1)
+    return SampleResult(token_ids, chosen, top.values, top.indices)
+
+
+def sampling_probs(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """logits [N, V] fp32 -> [N, V] fp32: the distribution `sample` draws each row from (one-hot
+    at the argmax for greedy rows). The target and draft distributions of `rejection_sample`."""
+    scaled = _scaled(logits, batch)
+    one_hot = torch.zeros_like(scaled).scatter_(1, scaled.argmax(-1, keepdim=True), 1.0)
+    return torch.where(batch.greedy.unsqueeze(1), one_hot, _masked(scaled, batch).softmax(-1))
+
+
+def _scaled(logits: Tensor, batch: SamplingBatch) -> Tensor:
+    """[N, V] -> [N, V]: penalties (vLLM/OpenAI semantics), then temperature."""
+    if batch.output_counts is not None:
+        rp = batch.repetition_penalty.unsqueeze(1)
+        logits = torch.where(batch.seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+        logits = (logits - batch.frequency_penalty.unsqueeze(1) * batch.output_counts
+                  - batch.presence_penalty.unsqueeze(1) * (batch.output_counts > 0))  # fmt: skip
+    return logits / batch.temperature.unsqueeze(1)
+
+
+def _masked(scaled: Tensor, batch: SamplingBatch) -> Tensor:
+    """[N, V] -> [N, V] with -inf outside each row's top-k, top-p and min-p sets (each keeps the argmax)."""
+    if batch.use_top_k_top_p:
+        ordered, order = scaled.sort(dim=-1, descending=True, stable=True)  # [N, V]
+        rank = torch.arange(scaled.shape[-1], device=scaled.device)
+        drop = rank >= batch.top_k.unsqueeze(1)  # [N, V] in sorted order
+        probs = ordered.masked_fill(drop, -math.inf).softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        top_p = batch.top_p.unsqueeze(1)
+        drop |= (before >= top_p) & (top_p < 1.0)  # top_p = 1 drops nothing, whatever cumsum rounding does
+        scaled = scaled.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
+    # min-p: p < min_p * p_max  <=>  logit < max logit + log(min_p)  (log 0 = -inf drops nothing)
+    floor = scaled.amax(-1, keepdim=True) + batch.min_p.log().unsqueeze(1)
+    return scaled.masked_fill(scaled < floor, -math.inf)

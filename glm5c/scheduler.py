@@ -32,11 +32,16 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose cache entries are written
     finish_reason: str | None = None
     num_preemptions: int = 0
-    first_token_step: int | None = None
+    draft: list[int] = field(default_factory=list)  # MTP draft tokens to verify after tokens[-1]
 
     @property
     def output(self) -> list[int]:
         return self.tokens[self.prompt_len :]
+
+    @property
+    def pending(self) -> int:
+        """Tokens the next step would compute: the rest of the prompt, or the fresh token plus drafts."""
+        return len(self.tokens) - self.num_computed + len(self.draft)
 
 
 @dataclass(frozen=True)
@@ -47,8 +52,12 @@ class Chunk:
 
     @property
     def needs_logits(self) -> bool:
-        """The chunk reaches the sequence's last token, so the next token is sampled from it."""
-        return self.start + self.num_tokens == len(self.seq.tokens)
+        """The chunk reaches the sequence's last token (and drafts), so next tokens are sampled."""
+        return self.start + self.num_tokens == len(self.seq.tokens) + len(self.seq.draft)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return (self.seq.tokens + self.seq.draft)[self.start : self.start + self.num_tokens]
 
 
 @dataclass
@@ -105,7 +114,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if seq.pending > budget:
+                seq.draft = []  # drafts are verified whole or not at all
+            n = min(seq.pending, budget)
             while not self.blocks.grow(seq.id, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -134,6 +145,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_sequence(seq.id)
         seq.num_computed = 0
+        seq.draft = []
         seq.num_preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(seq)

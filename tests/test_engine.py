@@ -165,3 +165,53 @@ def test_abort_frees_blocks_and_bad_requests_are_refused(engine_factory):
     engine.add_request("z", [5], GREEDY)
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("z", [5], GREEDY)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_greedy_output_equals_plain_greedy(engine_factory, k):
+    """With MTP drafting, greedy outputs are token for token those without it (the main model
+    verifies every draft), over many prompts and chunked prefills."""
+    prompts = _prompts([1, 2, 5, 9, 16, 17, 23, 31, 40, 3, 12, 27], seed=4)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = _run(engine_factory(max_tokens_per_step=32), prompts, params)
+    spec = engine_factory(max_tokens_per_step=32, num_speculative_tokens=k)
+    assert _run(spec, prompts, params) == plain
+    stats = spec.drafter.stats
+    assert stats.drafted > 0 and stats.verify_steps > 0 and 1.0 <= stats.mean_accept_length <= k + 1
+
+
+def test_greedy_acceptance_rule():
+    """Leading drafts equal to the main model's argmax are kept, up to the first mismatch."""
+    from glm5c.mtp import accept_greedy
+
+    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == 2
+    assert accept_greedy([5, 6, 7], [5, 6, 7, 1]) == 3
+    assert accept_greedy([5], [4, 1]) == 0
+
+
+def test_accepted_drafts_give_the_same_output_in_fewer_steps(engine_factory, monkeypatch):
+    """Drafts that are right (here: the plain run's own next tokens, standing in for a trained MTP
+    layer) are all accepted: same tokens, k + 1 per verify step, fewer steps."""
+    from glm5c.mtp import Drafter
+
+    prompts = _prompts([5, 18, 9], seed=6)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain_engine = engine_factory()
+    plain = _run(plain_engine, prompts, params)
+    plain_steps = len(plain_engine.step_times_s)
+    full = {f"r{i}": p + plain[f"r{i}"] for i, p in enumerate(prompts)}
+    real_draft = Drafter.catch_up_and_draft
+
+    def oracle(self, entries):
+        real_draft(self, entries)  # keeps the MTP cache written; then replace the drafts with the truth
+        for e in entries:
+            if e.seq.draft:
+                n = len(e.seq.tokens)
+                e.seq.draft = full[e.seq.id][n : n + self.k] + [0] * (self.k - len(full[e.seq.id][n : n + self.k]))
+
+    monkeypatch.setattr(Drafter, "catch_up_and_draft", oracle)
+    spec = engine_factory(num_speculative_tokens=3)
+    assert _run(spec, prompts, params) == plain
+    stats = spec.drafter.stats
+    assert stats.accepted > 0.8 * stats.drafted and stats.mean_accept_length > 3.5
+    assert len(spec.step_times_s) < plain_steps / 2

@@ -154,13 +154,14 @@ def test_chunked_prefill_equals_whole(llm):
     prompts = [list(range(100, 140)), PROMPT_IDS]
     params = SamplingParams(max_tokens=4, temperature=0.0)
     whole = llm.generate(prompts, params)
-    budget = llm.max_tokens_per_step
-    llm.max_tokens_per_step = 7
+    scheduler, blocks = llm.engine.scheduler, llm.engine.blocks
+    budget = scheduler.max_tokens_per_step
+    scheduler.max_tokens_per_step, blocks.prefix_caching = 7, False  # (the cache would skip the prefill)
     try:
         chunked = llm.generate(prompts, params)
         assert llm.last_stats["steps"] > 4 + 40 // 7
     finally:
-        llm.max_tokens_per_step = budget
+        scheduler.max_tokens_per_step, blocks.prefix_caching = budget, True
     assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
 
 
@@ -238,5 +239,16 @@ def test_sampling_params_count_must_match(llm):
 def test_bad_constructor_arguments(tiny_dir):
     with pytest.raises(ValueError, match="dtype 'fp4' is not one of"):
         LLM(tiny_dir, dtype="fp4")
-    with pytest.raises(ValueError, match="block_size and max_tokens_per_step must be >= 1"):
+    with pytest.raises(ValueError, match=r"EngineConfig.block_size must be >= 1, got 0"):
         LLM(tiny_dir, block_size=0)
+    with pytest.raises(ValueError, match=r"EngineConfig.max_tokens_per_step must be >= 1, got -3"):
+        LLM(tiny_dir, max_tokens_per_step=-3)
+
+
+def test_penalties_break_a_greedy_loop(llm, greedy_ids):
+    """The tiny model's greedy continuation repeats a token; each penalty (batched sampler, counts of
+    the request's own tokens) stops the repetition."""
+    assert len(set(greedy_ids)) < len(greedy_ids)
+    for penalty in (dict(repetition_penalty=1.3), dict(presence_penalty=2.0), dict(frequency_penalty=2.0)):
+        (out,) = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=8, temperature=0.0, **penalty))
+        assert len(set(out.token_ids)) == len(out.token_ids), penalty
