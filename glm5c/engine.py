@@ -15,7 +15,7 @@ from .batch import SeqChunk, build_step_batch
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .mtp import CatchUp, Drafter, accept_greedy
+from .mtp import CatchUp, Drafter, verify
 from .ops import REFERENCE, Ops
 from .sampling import SamplingBatch, SamplingParams, sample
 from .scheduler import Chunk, Scheduler, Sequence
@@ -159,41 +159,41 @@ class Engine:
         """Sample (or verify drafts), append tokens, finish sequences. -> outputs, and the positions
         each sequence validly computed this step with their hidden states (for the MTP drafter)."""
         # one batched sampling call for every sequence that samples a plain next token
-        rows, sampling, row = [], [], 0
-        for chunk in chunks:
-            if chunk.needs_logits and not chunk.seq.draft:
-                rows.append(row)
-                sampling.append(chunk.seq)
-            row += (chunk.num_tokens if chunk.seq.draft else 1) if chunk.needs_logits else 0
-        sampled: dict[str, int] = {}
+        plain = [(r, c.seq) for r, c in zip(self._logit_rows(chunks), chunks) if c.needs_logits and not c.seq.draft]
+        rows, sampling = [r for r, _ in plain], [s for _, s in plain]
+        sampled: dict[str, list[int]] = {}
         if sampling:
             batch = SamplingBatch.from_params(
                 [s.params for s in sampling], [s.output for s in sampling], [s.tokens[: s.prompt_len] for s in sampling],
                 [len(s.tokens) for s in sampling], logits.shape[-1], logits.device,
             )  # fmt: skip
             ids = sample(logits[rows], batch).token_ids.tolist()
-            sampled = {s.id: t for s, t in zip(sampling, ids)}
+            sampled = {s.id: [t] for s, t in zip(sampling, ids)}
+        # one rejection-sampling call for every sequence verifying drafts
+        verifying = [c for c in chunks if c.needs_logits and c.seq.draft]
+        if verifying:
+            starts = [r for r, c in zip(self._logit_rows(chunks), chunks) if c.needs_logits and c.seq.draft]
+            k1 = verifying[0].num_tokens  # 1 + k, the same for every drafting sequence
+            target = torch.stack([logits[r : r + k1] for r in starts])  # [N, 1 + k, V]
+            for c, tokens in zip(verifying, verify([c.seq for c in verifying], target)):
+                sampled[c.seq.id] = tokens
 
         outputs, catch_ups = [], []
-        offset = row = 0
+        offset = 0
         for chunk in chunks:
             seq, rows_hidden = chunk.seq, hidden[offset : offset + chunk.num_tokens]
             offset += chunk.num_tokens
             needs_logits = chunk.needs_logits  # (before the sequence grows below)
             new_tokens: list[int] = []
             valid = chunk.num_tokens
-            if needs_logits and seq.draft:  # verify: keep the drafts the main model agrees with
-                target = logits[row : row + chunk.num_tokens].argmax(-1).tolist()  # [1 + k]
-                row += chunk.num_tokens
-                accepted = accept_greedy(seq.draft, target)
-                new_tokens, valid = target[: accepted + 1], 1 + accepted
-                self.drafter.stats.accepted += accepted
+            if needs_logits:
+                new_tokens = sampled[seq.id]
+            if needs_logits and seq.draft:  # positions of accepted drafts stay computed
+                valid = len(new_tokens)
+                self.drafter.stats.accepted += valid - 1
                 self.drafter.stats.verify_steps += 1
-            elif needs_logits:
-                new_tokens = [sampled[seq.id]]
-                row += 1
             seq.num_computed += valid
-            seq.draft = []
+            seq.draft, seq.draft_probs = [], None
             self.blocks.cache_full_blocks(seq.id, seq.tokens, seq.num_computed)
             emitted = self._append(seq, new_tokens)
             if seq.finish_reason is None:
@@ -201,6 +201,16 @@ class Engine:
             if emitted:
                 outputs.append(StepOutput(seq.id, emitted, seq.finish_reason is not None, seq.finish_reason))
         return outputs, catch_ups
+
+    @staticmethod
+    def _logit_rows(chunks: list[Chunk]) -> list[int]:
+        """Each chunk's first row in the step's logits (a verifying chunk has 1 + k rows, a
+        sampling chunk 1, others none)."""
+        rows, row = [], 0
+        for c in chunks:
+            rows.append(row)
+            row += (c.num_tokens if c.seq.draft else 1) if c.needs_logits else 0
+        return rows
 
     def _append(self, seq: Sequence, tokens: list[int]) -> list[int]:
         """Append tokens until a stop: an eos or stop token (kept), or max_tokens."""

@@ -9,8 +9,11 @@ layers. After every main step the drafter
   2. drafts: from the last of those positions it predicts d1, then feeds d1 (with the MTP
      layer's own hidden state) to predict d2, and so on up to dk, one small step each.
 Draft positions are written speculatively and rewritten by a later catch-up once they hold
-verified tokens. Verification (glm5c/engine.py) runs [last token, d1..dk] through the main
-model: greedy requests keep the drafts that match the main model's argmax, then its next token.
+verified tokens. Drafts are drawn with each request's own sampling parameters (argmax for greedy
+requests), and their distributions kept: verification (`verify`) runs [last token, d1..dk]
+through the main model and applies rejection sampling (glm5c/rejection.py), so the output is
+distributed exactly as without drafts (greedy requests: identical tokens). Requests with
+repetition penalties do not draft: a draft would change the counts its successors see.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .batch import SeqChunk, build_step_batch
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .model import GLM5
+from .rejection import rejection_sample
+from .sampling import SamplingBatch, sample, sampling_probs
 from .scheduler import Sequence
 
 
@@ -61,19 +66,17 @@ class Drafter:
         self.stats = DraftStats()
 
     def catch_up_and_draft(self, entries: list[CatchUp]) -> None:
-        """Write the MTP cache for `entries` and set each drafting sequence's `draft`. Only plain
-        greedy requests draft (verified by argmax); sampled or penalized requests decode one
-        token per step until rejection sampling (glm5c/rejection.py) is wired in."""
+        """Write the MTP cache for `entries` and set each drafting sequence's `draft` and
+        `draft_probs` [k, V]."""
         entries = [e for e in entries if e.hidden.shape[0] > 0]
         for e in entries:
-            e.seq.draft = []
+            e.seq.draft, e.seq.draft_probs = [], None
         if not entries:
             return
         chunks = []
         for e in entries:
             count = e.hidden.shape[0]
-            params = e.seq.params
-            drafting = e.wants_draft and params.greedy and not params.penalized and self._room_for_drafts(e.seq)
+            drafting = e.wants_draft and not e.seq.params.penalized and self._room_for_drafts(e.seq)
             e.wants_draft = drafting
             chunks.append(SeqChunk(e.seq.tokens[e.start + 1 : e.start + 1 + count], e.start,
                                    self.blocks.tables[e.seq.id], want_logits=drafting))  # fmt: skip
@@ -83,11 +86,12 @@ class Drafter:
         drafting = [e.seq for e in entries if e.wants_draft]
         if not drafting:
             return
-        last_rows = batch.logits_indices  # the last position of each drafting sequence
-        tokens = logits.argmax(-1)  # [N]
-        hidden = mtp_hidden[last_rows]  # [N, D]
+        hidden = mtp_hidden[batch.logits_indices]  # [N, D] at each drafting sequence's last position
+        probs = []
         for j in range(self.k):
-            for seq, token in zip(drafting, tokens.tolist()):
+            draws = _sampling_batch(drafting, j, logits.shape[-1], logits.device)  # draft j: len(tokens) + j
+            probs.append(sampling_probs(logits, draws))  # [N, V]
+            for seq, token in zip(drafting, sample(logits, draws).token_ids.tolist()):
                 seq.draft.append(token)
             if j == self.k - 1:
                 break
@@ -95,7 +99,8 @@ class Drafter:
             batch = build_step_batch(step, self.blocks.block_size, self.cache.pad_slot, self.cache_device)
             with torch.inference_mode():
                 logits, hidden = self.model.mtp_forward(batch, self.cache, hidden)
-            tokens = logits.argmax(-1)
+        for seq, q in zip(drafting, torch.stack(probs, dim=1)):  # [N, k, V]
+            seq.draft_probs = q
         self.stats.drafted += self.k * len(drafting)
 
     @property
@@ -107,10 +112,28 @@ class Drafter:
         return self.blocks.grow(seq.id, len(seq.tokens) + self.k)
 
 
-def accept_greedy(draft: list[int], target: list[int]) -> int:
-    """How many leading drafts equal the main model's argmax at the same positions
-    (target has one more entry: the token after the last draft)."""
-    accepted = 0
-    while accepted < len(draft) and draft[accepted] == target[accepted]:
-        accepted += 1
-    return accepted
+def verify(seqs: list[Sequence], target_logits: Tensor) -> list[list[int]]:
+    """Rejection-sample each sequence's drafts against the main model's logits
+    target_logits [N, k+1, V] (at the fresh token and each draft). -> the tokens to emit per
+    sequence: the accepted drafts, then one token from the target (a correction or a bonus)."""
+    n, slots, vocab = target_logits.shape
+    expanded = [(seq, j) for seq in seqs for j in range(slots)]
+    target_batch = SamplingBatch.from_params(
+        [s.params for s, _ in expanded], [s.output for s, _ in expanded],
+        [s.tokens[: s.prompt_len] for s, _ in expanded], [len(s.tokens) + j for s, j in expanded], vocab,
+        target_logits.device,
+    )  # fmt: skip
+    p = sampling_probs(target_logits.reshape(n * slots, vocab), target_batch).view(n, slots, vocab)
+    q = torch.stack([s.draft_probs for s in seqs])  # [N, k, V]
+    drafts = torch.tensor([s.draft for s in seqs], dtype=torch.int64, device=target_logits.device)
+    rows = _sampling_batch(seqs, 0, vocab, target_logits.device)
+    accepted, out = rejection_sample(p, q, drafts, rows.greedy, rows.seeds, rows.positions)
+    return [ids[: a + 1] for ids, a in zip(out.tolist(), accepted.tolist())]
+
+
+def _sampling_batch(seqs: list[Sequence], offset: int, vocab: int, device: torch.device) -> SamplingBatch:
+    """Sampling rows for the token at len(tokens) + offset of each sequence."""
+    return SamplingBatch.from_params(
+        [s.params for s in seqs], [s.output for s in seqs], [s.tokens[: s.prompt_len] for s in seqs],
+        [len(s.tokens) + offset for s in seqs], vocab, device,
+    )  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .block_manager import BlockManager
 from .sampling import SamplingParams
@@ -33,6 +34,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     draft: list[int] = field(default_factory=list)  # MTP draft tokens to verify after tokens[-1]
+    draft_probs: Any = None  # [k, V] tensor: the distributions the drafts were drawn from
 
     @property
     def output(self) -> list[int]:
@@ -115,7 +117,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if seq.pending > budget:
-                seq.draft = []  # drafts are verified whole or not at all
+                seq.draft, seq.draft_probs = [], None  # drafts are verified whole or not at all
             n = min(seq.pending, budget)
             while not self.blocks.grow(seq.id, seq.num_computed + n):
                 victim = self.running[-1]
@@ -145,7 +147,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_sequence(seq.id)
         seq.num_computed = 0
-        seq.draft = []
+        seq.draft, seq.draft_probs = [], None
         seq.num_preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(seq)

@@ -180,15 +180,6 @@ def test_mtp_greedy_output_equals_plain_greedy(engine_factory, k):
     assert stats.drafted > 0 and stats.verify_steps > 0 and 1.0 <= stats.mean_accept_length <= k + 1
 
 
-def test_greedy_acceptance_rule():
-    """Leading drafts equal to the main model's argmax are kept, up to the first mismatch."""
-    from glm5c.mtp import accept_greedy
-
-    assert accept_greedy([5, 6, 7], [5, 6, 9, 1]) == 2
-    assert accept_greedy([5, 6, 7], [5, 6, 7, 1]) == 3
-    assert accept_greedy([5], [4, 1]) == 0
-
-
 def test_accepted_drafts_give_the_same_output_in_fewer_steps(engine_factory, monkeypatch):
     """Drafts that are right (here: the plain run's own next tokens, standing in for a trained MTP
     layer) are all accepted: same tokens, k + 1 per verify step, fewer steps."""
@@ -215,3 +206,17 @@ def test_accepted_drafts_give_the_same_output_in_fewer_steps(engine_factory, mon
     stats = spec.drafter.stats
     assert stats.accepted > 0.8 * stats.drafted and stats.mean_accept_length > 3.5
     assert len(spec.step_times_s) < plain_steps / 2
+
+
+def test_mtp_with_sampled_requests(engine_factory):
+    """Sampled requests draft too and are verified by rejection sampling: lengths are right, seeded
+    runs repeat exactly, and requests with penalties simply decode without drafts."""
+    prompts = _prompts([4, 11, 19], seed=7)
+    params = SamplingParams(max_tokens=14, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
+    first = engine_factory(num_speculative_tokens=2)
+    out = _run(first, prompts, params)
+    assert all(len(v) == 14 for v in out.values()) and first.drafter.stats.drafted > 0
+    assert _run(engine_factory(num_speculative_tokens=2), prompts, params) == out
+    penalized = engine_factory(num_speculative_tokens=2)
+    _run(penalized, prompts[:1], SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.2))
+    assert penalized.drafter.stats.drafted == 0
