@@ -125,7 +125,7 @@ def main() -> None:
         if cuda:
             from glm5c.graphs.compile import ops_for
 
-            kw_eager = dict(kw, ops=ops_for("cuda")[0])  # the same math, uncompiled
+            kw_eager = dict(kw, ops=ops_for("cuda", "bfloat16")[0])  # the same math, uncompiled
         else:
             kw_eager = kw
         eager, compiled = LLM(model, **kw_eager), LLM(model, artifacts=artifacts, **kw)

@@ -73,8 +73,9 @@ class Engine:
             from .graphs.compile import compiled_ops
             from .graphs.manifest import Manifest
 
-            ops = compiled_ops(Manifest.read(artifacts))
-            keep_fp8 = keep_fp8 and self.device.type != "cuda"  # the GPU graphs take dequantized experts for now
+            manifest = Manifest.read(artifacts)
+            ops = compiled_ops(manifest)
+            keep_fp8 = keep_fp8 and manifest.dtype != "bfloat16"  # grouped GEMM experts take dequantized weights
         self.model = build_model(model_dir, dtype=dtype, device=self.device, ops=ops, keep_fp8=keep_fp8)
         self.model_config: ModelConfig = self.model.config
         block_size, max_tokens = config.block_size, config.max_tokens_per_step

@@ -26,6 +26,7 @@ import torch
 
 import glm5c
 from glm5c.batch import SeqChunk, build_step_batch
+from glm5c.config import ModelConfig
 from glm5c.kv_cache import KVCache
 from glm5c.ops import REFERENCE, Ops, moe
 from glm5c.weights import build_model
@@ -44,26 +45,27 @@ from .manifest import (
 )
 from .step import StaticInputs, StepModule, cache_args
 
-# What the graphs are built from, by device. On a CPU: the references, with the data-dependent
-# expert loop wrapped as one opaque custom op. On a GPU every op must be shape-static with no host
-# sync, so CUDA graphs can capture it: experts run as torch's grouped GEMM (BF16 weights; FP8
-# experts wait for the grouped-GEMM kernels). Fast kernels take their places here as they land.
+# What the graphs are built from. Every op must have static shapes; on a GPU also no host sync,
+# so CUDA graphs can capture it. Experts run as torch's grouped GEMM, which takes BF16 only; in
+# other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
+# opaque custom op instead, which only a CPU can hold. Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
-_OPS = {
-    "cpu": (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"}),
-    "cuda": (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm),
-             {**_BASE_NAMES, "experts": "experts_grouped_mm"}),
-}  # fmt: skip
+_GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
+_OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})
 
 
-def ops_for(device: str) -> tuple[Ops, dict[str, str]]:
-    """The op set compiled into graphs for this device, and its names for the manifest."""
-    return _OPS["cuda" if device.startswith("cuda") else "cpu"]
+def ops_for(device: str, dtype: str) -> tuple[Ops, dict[str, str]]:
+    """The op set compiled into graphs for this device and dtype, and its names for the manifest."""
+    if dtype == "bfloat16":
+        return _GROUPED
+    if device.startswith("cuda"):
+        raise ValueError(f"GPU graphs need bfloat16 weights (torch's grouped GEMM), not {dtype}")
+    return _OPAQUE
 
 
 def compiled_ops(manifest: Manifest) -> Ops:
-    ops, names = ops_for(manifest.device)
+    ops, names = ops_for(manifest.device, manifest.dtype)
     if manifest.ops != names:
         raise ValueError(f"artifacts were built with ops {manifest.ops}, this glm5c compiles {names}")
     return ops
@@ -107,9 +109,10 @@ def compile_artifacts(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     torch_device = torch.device(device)
-    ops, op_names = ops_for(device)
-    model = build_model(model_dir, dtype=getattr(torch, dtype) if dtype else None, device=torch_device, ops=ops,
-                        keep_fp8=torch_device.type != "cuda")  # fmt: skip
+    dtype = dtype or ModelConfig.from_model_dir(model_dir).dtype
+    ops, op_names = ops_for(device, dtype)
+    model = build_model(model_dir, dtype=getattr(torch, dtype), device=torch_device, ops=ops,
+                        keep_fp8=dtype != "bfloat16")  # grouped GEMM experts take dequantized weights  # fmt: skip
     config = model.config
     max_model_len = max_model_len or min(config.max_position_embeddings, 8192)
     if not 1 <= max_model_len <= config.max_position_embeddings:
