@@ -6,7 +6,7 @@ and decode step latency compiled vs eager.
 Cold compile = `glm5c compile` in a fresh process with an empty inductor cache. Ready = a fresh
 process constructing `LLM(model, artifacts=DIR)` (imports, weights, graphs) until it could run a
 step; it must compile nothing (the count is printed). Decode = per-step time of greedy
-generation, (time for N new tokens - time for 1) / (N - 1), best of 3, same process.
+generation: the median of its decode-only steps (the engine's step clock), same process.
 On a GPU (--device cuda, BF16) it also reports CUDA graph capture time and memory against the
 compile-time estimate, and at batch 1 the graph replay time against the sum of its kernels' times.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,20 +43,15 @@ def _fresh(args: list[str], env: dict | None = None) -> tuple[float, str]:
 
 
 def _decode_ms(llm, batch: int, n: int) -> float:
+    """Median step time over the decode-only steps of a greedy generation of n tokens (after a
+    warm-up run), from the engine's own step clock."""
     from glm5c import SamplingParams
 
     prompts = torch.randint(22, 1300, (batch, 32), generator=torch.Generator().manual_seed(batch)).tolist()
-
-    def run(k: int) -> float:
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            llm.generate(prompts, SamplingParams(max_tokens=k, temperature=0, ignore_eos=True))
-            best = min(best, time.perf_counter() - t)
-        return best
-
-    run(2)
-    return (run(n) - run(1)) / (n - 1) * 1e3
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    llm.generate(prompts, params)
+    llm.generate(prompts, params)
+    return statistics.median(llm.engine.step_times_s[-(n - 1) :]) * 1e3
 
 
 def _gpu_graphs(llm, manifest) -> dict:

@@ -1,0 +1,148 @@
+"""The runtime on the mini model: output tokens/s for concurrent requests against transformers'
+generate (same checkpoint, same run), decode steps against their memory-bandwidth floor, the
+engine's own overhead per step, and MTP speculative decoding.
+
+    python bench/bench_engine.py [--model DIR] [--artifacts DIR] [--concurrency 1 16] [--new-tokens 64]
+
+Throughput = generated tokens / wall time of the whole generate call (prefill included), greedy,
+prompts of 32 random tokens, best of --repeats. The floor of a decode step is the bytes it must
+read (every weight of the model except the routed experts no token picked, plus the KV entries
+attention reads) over this machine's measured read bandwidth. Overhead = step time - forward time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def read_bandwidth_bytes_per_s(threads: int) -> float:
+    """Summing a 1 GiB tensor, best of 5."""
+    x = torch.ones(1 << 28, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.nbytes / best
+
+
+def step_floor_bytes(model, batch: int, context: int) -> float:
+    """Bytes one decode step of `batch` requests at `context` tokens must read."""
+    config = model.config
+    expert_bytes = sum(p.nbytes for n, p in model.named_parameters() if ".mlp.experts." in n and not n.startswith("mtp."))
+    other = sum(p.nbytes for n, p in model.named_parameters() if ".mlp.experts." not in n and not n.startswith("mtp."))
+    other -= model.embed_tokens.weight.nbytes  # only `batch` rows of the embedding are read
+    e, k = config.n_routed_experts, config.num_experts_per_tok
+    touched = 1 - (1 - k / e) ** batch  # expected fraction of experts some token picks
+    element = model.dtype.itemsize
+    kv_per_token = sum(
+        config.kv_cache_dim + (config.index_head_dim if config.layer_has_indexer(i) else 0)
+        for i in range(config.num_hidden_layers)
+    ) * element
+    return other + touched * expert_bytes + batch * context * kv_per_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model")
+    parser.add_argument("--artifacts", help="also measure the compiled graphs from this `glm5c compile` dir")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--mtp", type=int, default=3, help="MTP drafts per step for the speculative run (0: skip)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import GlmMoeDsaForCausalLM
+    from transformers.utils import logging
+
+    from glm5c import LLM, SamplingParams
+    from glm5c.default_model import default_model_dir
+    from glm5c.engine import EngineConfig
+
+    logging.set_verbosity_error()
+    model_dir = args.model or str(default_model_dir())
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    variants = {"eager": LLM(model_dir)}
+    if args.artifacts:
+        variants["compiled"] = LLM(model_dir, artifacts=args.artifacts)
+    hf = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=variants["eager"].model.dtype).eval()
+    bandwidth = read_bandwidth_bytes_per_s(args.threads)
+    report: dict = {"model": model_dir, "read_bandwidth_GBps": bandwidth / 1e9, "rows": []}
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    for n in args.concurrency:
+        prompts = torch.randint(22, 1300, (n, 32), generator=torch.Generator().manual_seed(n))
+
+        def hf_run() -> None:
+            with torch.inference_mode():
+                hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.new_tokens,
+                            min_new_tokens=args.new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+
+        hf_s = _best(hf_run, args.repeats)
+        row = {"concurrency": n, "transformers_tok_s": n * args.new_tokens / hf_s}
+        for name, llm in variants.items():
+            engine = llm.engine
+            s = _best(lambda: llm.generate(prompts.tolist(), params), args.repeats)
+            decode = slice(-(args.new_tokens - 1), None)  # the last generate's decode-only steps
+            step_s = statistics.median(engine.step_times_s[decode])
+            forward_s = statistics.median(engine.forward_times_s[decode])
+            floor_s = step_floor_bytes(llm.model, n, 32 + args.new_tokens // 2) / bandwidth
+            row[name] = {
+                "tok_s": n * args.new_tokens / s,
+                "vs_transformers": hf_s / s,
+                "decode_step_ms": step_s * 1e3,
+                "step_over_floor": step_s / floor_s,
+                "floor_ms": floor_s * 1e3,
+                "overhead_us": (step_s - forward_s) * 1e6,
+                "overhead_frac": (step_s - forward_s) / step_s,
+            }
+            r = row[name]
+            print(f"{n:3d} requests, {name:8s}: {r['tok_s']:7.1f} tok/s = {r['vs_transformers']:.2f}x transformers "
+                  f"({row['transformers_tok_s']:.1f}); decode step {r['decode_step_ms']:.2f} ms = "
+                  f"{r['step_over_floor']:.2f}x its floor ({r['floor_ms']:.2f} ms); engine overhead "
+                  f"{r['overhead_us']:.0f} us/step ({r['overhead_frac']:.1%})", flush=True)  # fmt: skip
+        report["rows"].append(row)
+
+    if args.mtp:
+        spec = LLM(model_dir, engine_config=EngineConfig(num_speculative_tokens=args.mtp))
+        plain = variants["eager"]
+        prompts = torch.randint(22, 1300, (4, 32), generator=torch.Generator().manual_seed(99)).tolist()
+        plain_s = _best(lambda: plain.generate(prompts, params), 1)
+        plain_steps = plain.last_stats["steps"]
+        spec_s = _best(lambda: spec.generate(prompts, params), 1)
+        stats = spec.engine.drafter.stats
+        verify_ms = statistics.median(spec.engine.forward_times_s[-20:]) * 1e3
+        plain_ms = statistics.median(plain.engine.forward_times_s[-20:]) * 1e3
+        report["mtp"] = {
+            "k": args.mtp, "acceptance_rate": stats.acceptance_rate, "mean_accept_length": stats.mean_accept_length,
+            "steps_plain": plain_steps, "steps_mtp": spec.last_stats["steps"], "speedup": plain_s / spec_s,
+            "verify_forward_ms": verify_ms, "plain_decode_forward_ms": plain_ms,
+        }  # fmt: skip
+        m = report["mtp"]
+        print(f"MTP k={args.mtp} (4 requests): acceptance {m['acceptance_rate']:.1%}, mean accept length "
+              f"{m['mean_accept_length']:.2f}, steps {m['steps_mtp']} vs {m['steps_plain']}, speed-up {m['speedup']:.2f}x; "
+              f"verify forward {verify_ms:.2f} ms vs plain decode forward {plain_ms:.2f} ms")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+if __name__ == "__main__":
+    main()
