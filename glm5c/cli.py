@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the checkpoint's")
     comp.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
     comp.add_argument("--max-model-len", type=_positive_int, help="longest sequence (default: min(context, 8192))")
+    comp.add_argument("--fp8-index-cache", action="store_true", help="keep the DSA indexer keys in FP8 (GPUs sm_89+)")
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts, in-process")
     gen.add_argument("--model", help="Hugging Face model directory (default: the built-in mini model)")
@@ -98,7 +99,8 @@ def _compile(args: argparse.Namespace) -> None:
     print(f"compiling {model} for {args.device}: {len(buckets.sizes)} buckets {list(buckets.sizes)}", flush=True)
     manifest = compile_artifacts(
         model, args.out, buckets, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        max_model_len=args.max_model_len, progress=lambda line: print(line, flush=True),
+        max_model_len=args.max_model_len, fp8_index_cache=args.fp8_index_cache,
+        progress=lambda line: print(line, flush=True),
     )  # fmt: skip
     print(f"wrote {args.out}: {len(manifest.buckets)} graphs in {manifest.compile_s:.1f} s "
           f"(max_model_len {manifest.max_model_len}, block size {manifest.block_size})")  # fmt: skip

@@ -32,7 +32,8 @@ class EngineConfig:
     max_seqs: int = 256
     max_waiting: int = 4096
     prefix_caching: bool = True
-    num_speculative_tokens: int = 0  # MTP drafts per decoding request (greedy requests); 0 = off
+    num_speculative_tokens: int = 0  # MTP drafts per decoding request; 0 = off
+    fp8_index_cache: bool = False  # indexer keys as FP8 + a per-token scale (compiled: the artifacts decide)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_tokens_per_step", "max_seqs", "max_waiting"):
@@ -90,7 +91,11 @@ class Engine:
         num_blocks = config.num_blocks or default_num_blocks(
             self.model_config, block_size, self.model.dtype, self.device, self.max_model_len, config.max_seqs
         )
-        self.cache = KVCache(self.model_config, num_blocks, block_size, self.model.dtype, self.device)
+        index_dtype = torch.float8_e4m3fn if config.fp8_index_cache else None
+        if self.runner is not None:
+            index_dtype = self.runner.index_dtype
+        self.cache = KVCache(self.model_config, num_blocks, block_size, self.model.dtype, self.device,
+                             index_dtype=index_dtype)  # fmt: skip
         self.blocks = BlockManager(num_blocks, block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_tokens, config.max_seqs, config.max_waiting)
         k = config.num_speculative_tokens

@@ -4,6 +4,7 @@ indexer's key per token (128 values for GLM-5). Both live in fixed-size blocks:
 
     latent[layer]  [num_blocks + 1, block_size, kv_lora_rank + qk_rope_head_dim]
     index_k[layer] [num_blocks + 1, block_size, index_head_dim]   (None on `shared` layers)
+    index_scale[layer] [num_blocks + 1, block_size] fp32           (FP8 index keys only)
 
 A token's slot is block * block_size + offset; a sequence finds its blocks through its row of
 the block table. The extra last block is scratch: padding tokens write there
@@ -29,7 +30,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         num_layers: int | None = None,
+        index_dtype: torch.dtype | None = None,
     ) -> None:
+        """index_dtype: the indexer keys' dtype (default: `dtype`); float8_e4m3fn stores them as
+        GLM-5's production engines do, 128 fp8 bytes plus an fp32 scale per token."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"KV cache needs positive num_blocks and block_size, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -39,11 +43,15 @@ class KVCache:
         self.latent: list[Tensor] = [
             torch.zeros(*rows, config.kv_cache_dim, dtype=dtype, device=device) for _ in range(self.num_layers)
         ]
+        index_dtype = index_dtype or dtype
+        fp8 = index_dtype == torch.float8_e4m3fn
+        indexed = [config.layer_has_indexer(layer) for layer in range(self.num_layers)]
         self.index_k: list[Tensor | None] = [
-            torch.zeros(*rows, config.index_head_dim, dtype=dtype, device=device)
-            if config.layer_has_indexer(layer)
-            else None
-            for layer in range(self.num_layers)
+            torch.zeros(*rows, config.index_head_dim, dtype=index_dtype, device=device) if has else None
+            for has in indexed
+        ]
+        self.index_scale: list[Tensor | None] = [
+            torch.zeros(*rows, dtype=torch.float32, device=device) if has and fp8 else None for has in indexed
         ]
 
     @property
@@ -53,8 +61,8 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        per_layer = [t[0, 0].nbytes for t in self.latent] + [t[0, 0].nbytes for t in self.index_k if t is not None]
-        return sum(per_layer)
+        tensors = self.latent + self.index_k + self.index_scale
+        return sum(t[0, 0].nbytes for t in tensors if t is not None)
 
     @staticmethod
     def write(cache: Tensor, slot_mapping: Tensor, rows: Tensor) -> None:

@@ -143,18 +143,19 @@ class Indexer(nn.Module):
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
 
     def forward(
-        self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, index_cache: Tensor
-    ) -> Tensor:
+        self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, index_cache: Tensor,
+        index_scale: Tensor | None,
+    ) -> Tensor:  # fmt: skip
         num_tokens = x.shape[0]
         q = self.wq_b(q_latent).view(num_tokens, self.n_heads, self.head_dim)  # [T, Hi, Di]
         k = self.k_norm(self.wk(x))  # [T, Di]
         # the indexer ropes the *first* rope_dim dims of each head (MLA ropes the last ones)
         q = torch.cat([apply_rope(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim :]], dim=-1)
         k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim :]], dim=-1)
-        KVCache.write(index_cache, batch.slot_mapping, k)
+        self.ops.index_cache_write(k, batch.slot_mapping, index_cache, index_scale)
         weights = self.weights_proj(x.float()) * self.weight_scale  # [T, Hi]
         return self.ops.indexer_topk(
-            q.float(), weights, index_cache, batch.block_tables, batch.seq_ids, batch.positions, self.topk
+            q.float(), weights, index_cache, batch.block_tables, batch.seq_ids, batch.positions, self.topk, index_scale
         )  # [T, index_topk]
 
 
@@ -194,7 +195,7 @@ class MLAttention(nn.Module):
         KVCache.write(cache.latent[layer], batch.slot_mapping, torch.cat([latent, k_rope], dim=-1))
 
         if self.indexer is not None:
-            topk = self.indexer(x, q_latent, cos, sin, batch, cache.index_k[layer])
+            topk = self.indexer(x, q_latent, cos, sin, batch, cache.index_k[layer], cache.index_scale[layer])
         elif topk is None:
             raise ValueError(f"layer {layer} shares its indexer but no earlier layer produced top-k indices")
 

@@ -71,16 +71,15 @@ def compiled_ops(manifest: Manifest) -> Ops:
     return ops
 
 
-def export_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device):
+def export_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype):
     """torch.export of one bucket's step, with the cache's block count left dynamic."""
     config = model.config
-    cache = KVCache(config, 2, block_size, model.dtype, device, num_layers=config.num_hidden_layers)
+    cache = KVCache(config, 2, block_size, model.dtype, device, config.num_hidden_layers, index_dtype)
     inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device)
-    latent, index_k = cache_args(cache, config.num_hidden_layers)
+    caches = cache_args(cache, config.num_hidden_layers)
     blocks = torch.export.Dim("cache_blocks", min=2)
-    dynamic = (None,) * 6 + ([{0: blocks}] * len(latent), [{0: blocks}] * len(index_k))
-    return torch.export.export(StepModule(model), (*inputs.args(), latent, index_k), dynamic_shapes=dynamic,
-                               strict=False)  # fmt: skip
+    dynamic = (None,) * 6 + tuple([{0: blocks}] * len(c) for c in caches)
+    return torch.export.export(StepModule(model), (*inputs.args(), *caches), dynamic_shapes=dynamic, strict=False)
 
 
 def _example_inputs(tokens: int, max_blocks: int, block_size: int, pad_slot: int, device) -> StaticInputs:
@@ -99,6 +98,7 @@ def compile_artifacts(
     dtype: str | None = None,
     block_size: int = 16,
     max_model_len: int | None = None,
+    fp8_index_cache: bool = False,
     progress: Callable[[str], None] = print,
 ) -> Manifest:
     """Compile every bucket into out_dir (replacing an older artifact directory there) and write
@@ -119,6 +119,7 @@ def compile_artifacts(
         raise ValueError(f"max_model_len must be in [1, {config.max_position_embeddings}], got {max_model_len}")
     max_blocks = -(-max_model_len // block_size)
     dtype_name = str(model.dtype).removeprefix("torch.")
+    index_dtype = torch.float8_e4m3fn if fp8_index_cache else model.dtype
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "glm5c-inductor-cache"))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,7 @@ def compile_artifacts(
     try:
         for i, tokens in enumerate(buckets.sizes, 1):
             t = time.perf_counter()
-            program = export_step(model, tokens, max_blocks, block_size, torch_device)
+            program = export_step(model, tokens, max_blocks, block_size, torch_device, index_dtype)
             name = f"step_{tokens}.pt2"
             torch._inductor.aoti_compile_and_package(
                 program, package_path=str(stage / name),
@@ -136,7 +137,8 @@ def compile_artifacts(
             )  # fmt: skip
             seconds = time.perf_counter() - t
             artifacts.append(BucketArtifact(tokens, name, file_sha256(stage / name), round(seconds, 2),
-                                            _graph_memory(model, tokens, max_blocks, block_size, torch_device)))  # fmt: skip
+                                            _graph_memory(model, tokens, max_blocks, block_size, torch_device,
+                                                          index_dtype)))  # fmt: skip
             progress(f"[{i}/{len(buckets.sizes)}] bucket {tokens:5d} tokens compiled in {seconds:6.1f} s")
         manifest = Manifest(
             format=FORMAT,
@@ -149,6 +151,7 @@ def compile_artifacts(
             **environment(device),
             block_size=block_size,
             max_model_len=max_model_len,
+            index_cache_dtype=str(index_dtype).removeprefix("torch."),
             ops=op_names,
             constants_signature=constants_signature(StepModule(model)),
             buckets=artifacts,
@@ -164,13 +167,13 @@ def compile_artifacts(
     return manifest
 
 
-def _graph_memory(model, tokens: int, max_blocks: int, block_size: int, device: torch.device) -> int | None:
+def _graph_memory(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype) -> int | None:
     """Memory a CUDA graph of this bucket will hold: the peak allocated during one eager step
     beyond what existed before it (weights and cache excluded). None on a CPU."""
     if device.type != "cuda":
         return None
     config = model.config
-    cache = KVCache(config, 2, block_size, model.dtype, device, num_layers=config.num_hidden_layers)
+    cache = KVCache(config, 2, block_size, model.dtype, device, config.num_hidden_layers, index_dtype)
     inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device)
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)

@@ -43,6 +43,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     cuda_version: str | None
     block_size: int
     max_model_len: int
+    index_cache_dtype: str  # the indexer key cache's dtype the graphs read (e.g. "float8_e4m3fn")
     ops: dict[str, str]  # op -> implementation compiled into the graphs
     constants_signature: str  # hash of every weight's name, shape and dtype the graphs take
     buckets: list[BucketArtifact]
@@ -94,6 +95,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
                 f"artifacts in {artifacts_dir} do not match: " + "; ".join(problems) + ". Rebuild them: "
                 f"glm5c compile --model {model_dir} --out {artifacts_dir} --device {device} --dtype {dtype} "
                 f"--buckets {buckets} --max-model-len {self.max_model_len} --block-size {self.block_size}"
+                + (" --fp8-index-cache" if self.index_cache_dtype == "float8_e4m3fn" else "")
             )
 
 

@@ -57,13 +57,20 @@ class GraphRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_cache: KVCache | None = None
 
+    @property
+    def index_dtype(self) -> torch.dtype:
+        return getattr(torch, self.manifest.index_cache_dtype)
+
     def new_cache(self, num_blocks: int) -> KVCache:
-        return KVCache(self.model.config, num_blocks, self.block_size, self.model.dtype, self.device)
+        return KVCache(self.model.config, num_blocks, self.block_size, self.model.dtype, self.device,
+                       index_dtype=self.index_dtype)  # fmt: skip
 
     def __call__(self, batch: StepBatch, cache: KVCache) -> Tensor:
         """-> hidden [batch.num_tokens, D], as `model(batch, cache)` computes it."""
         if cache.block_size != self.block_size:
             raise ValueError(f"cache block size {cache.block_size} != the artifacts' {self.block_size}")
+        if cache.index_k[0].dtype != self.index_dtype:
+            raise ValueError(f"cache index keys are {cache.index_k[0].dtype}, the artifacts read {self.index_dtype}")
         tokens = self.buckets.pick(batch.num_tokens)
         inputs = self._inputs[tokens]
         inputs.fill(batch, cache.pad_slot, self.block_size)
@@ -72,11 +79,10 @@ class GraphRunner:
             return self._replay(tokens, inputs, cache, caches)[: batch.num_tokens]
         return self._run(tokens, inputs, caches)[: batch.num_tokens]
 
-    def _run(self, tokens: int, inputs: StaticInputs, caches: tuple[list[Tensor], list[Tensor]]) -> Tensor:
+    def _run(self, tokens: int, inputs: StaticInputs, caches: tuple[list[Tensor], ...]) -> Tensor:
         """Call the package with its inputs already flat, in StepModule's order (the package's own
         __call__ re-parses its pytree spec on every call)."""
-        latent, index_k = caches
-        return self._packages[tokens].loader.boxed_run([*inputs.args(), *latent, *index_k])[0]
+        return self._packages[tokens].loader.boxed_run([*inputs.args(), *(t for c in caches for t in c)])[0]
 
     def _replay(self, tokens: int, inputs: StaticInputs, cache: KVCache, caches) -> Tensor:
         """CUDA graphs read fixed addresses: the first step on a cache captures every bucket

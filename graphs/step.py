@@ -31,21 +31,26 @@ class StepModule(nn.Module):
         seq_lens: Tensor,  # [T + 1]
         latent: list[Tensor],  # per main layer [num_blocks + 1, block_size, kv_cache_dim]
         index_k: list[Tensor],  # per main layer with an indexer [num_blocks + 1, block_size, index_head_dim]
+        index_scale: list[Tensor],  # per such layer [num_blocks + 1, block_size] with FP8 keys, else empty
     ) -> Tensor:
         config = self.model.config
-        keys = iter(index_k)
+        indexed = [config.layer_has_indexer(i) for i in range(config.num_hidden_layers)]
+        keys, scales = iter(index_k), iter(index_scale)
         cache = SimpleNamespace(
             latent=latent,
-            index_k=[next(keys) if config.layer_has_indexer(i) else None for i in range(config.num_hidden_layers)],
+            index_k=[next(keys) if has else None for has in indexed],
+            index_scale=[next(scales) if has and index_scale else None for has in indexed],
         )
         batch = StepBatch(token_ids, positions, seq_ids, slot_mapping, block_tables, seq_lens, token_ids[:0])
         return self.model(batch, cache)
 
 
-def cache_args(cache: KVCache, num_layers: int) -> tuple[list[Tensor], list[Tensor]]:
+def cache_args(cache: KVCache, num_layers: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """The main layers' cache tensors in StepModule's argument order."""
-    latent = cache.latent[:num_layers]
-    return latent, [t for t in cache.index_k[:num_layers] if t is not None]
+    def present(tensors: list[Tensor | None]) -> list[Tensor]:
+        return [t for t in tensors[:num_layers] if t is not None]
+
+    return cache.latent[:num_layers], present(cache.index_k), present(cache.index_scale)
 
 
 class StaticInputs:

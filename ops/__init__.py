@@ -28,6 +28,7 @@ class Ops:
     linear: Callable[..., Tensor]
     route: Callable[..., tuple[Tensor, Tensor]]
     experts: Callable[..., Tensor]
+    index_cache_write: Callable[..., None]
     indexer_topk: Callable[..., Tensor]
     sparse_mla: Callable[..., Tensor]
 
@@ -36,6 +37,22 @@ REFERENCE = Ops(
     linear=linear_ref,
     route=moe.route_ref,
     experts=moe.experts_ref,
+    index_cache_write=dsa.index_cache_write_ref,
     indexer_topk=dsa.indexer_topk_ref,
     sparse_mla=dsa.sparse_mla_ref,
 )
+
+
+def triton_ops() -> Ops:
+    """The Triton kernels (FP8 GEMM, FP8 grouped-GEMM experts, DSA), imported only when asked for,
+    so that importing glm5c never needs triton. Routing stays the reference."""
+    from . import dsa_triton, fp8_triton, moe_triton
+
+    return Ops(
+        linear=fp8_triton.linear,
+        route=moe.route_ref,
+        experts=moe_triton.experts,
+        index_cache_write=dsa_triton.index_cache_write,
+        indexer_topk=dsa_triton.indexer_topk,
+        sparse_mla=dsa_triton.sparse_mla,
+    )

@@ -43,13 +43,13 @@ def index_cache_write_ref(k: Tensor, slot_mapping: Tensor, index_cache: Tensor, 
     """Write indexer keys k [T, D] at slot_mapping [T] into index_cache [num_blocks, block_size, D]:
     as they are (cast to the cache dtype) when index_scale is None, else as FP8 e4m3 with their
     per-token scale into index_scale [num_blocks, block_size]."""
-    rows = index_cache.view(-1, index_cache.shape[-1])
+    where = (slot_mapping // index_cache.shape[1], slot_mapping % index_cache.shape[1])  # (block, offset)
     if index_scale is None:
-        rows[slot_mapping] = k.to(index_cache.dtype)
+        index_cache.index_put_(where, k.to(index_cache.dtype))
         return
     k_fp8, scale = quantize_rows_fp8(k)  # [T, D], [T]
-    rows[slot_mapping] = k_fp8
-    index_scale.view(-1)[slot_mapping] = scale
+    index_cache.index_put_(where, k_fp8)
+    index_scale.index_put_(where, scale)
 
 
 def indexer_scores_ref(

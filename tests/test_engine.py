@@ -220,3 +220,16 @@ def test_mtp_with_sampled_requests(engine_factory):
     penalized = engine_factory(num_speculative_tokens=2)
     _run(penalized, prompts[:1], SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.2))
     assert penalized.drafter.stats.drafted == 0
+
+
+def test_fp8_index_cache(engine_factory):
+    """Indexer keys kept as FP8 + per-token scales: while the context fits in index_topk the
+    indexer's choice is moot and outputs are identical; past it, FP8 scores may reorder near-ties."""
+    short = _prompts([3, 7, 10], seed=8)  # 10 + 5 new tokens stay within index_topk = 16
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    fp8 = engine_factory(fp8_index_cache=True)
+    assert fp8.cache.index_k[0].dtype == torch.float8_e4m3fn and fp8.cache.index_scale[0] is not None
+    assert _run(fp8, short, params) == _run(engine_factory(), short, params)
+    long = _prompts([40, 55], seed=9)
+    out = _run(engine_factory(fp8_index_cache=True), long, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert all(len(v) == 8 for v in out.values())

@@ -193,3 +193,23 @@ def test_bf16_graphs_hold_the_grouped_gemm_experts(tiny_dir, tmp_path):
         a = runner(build_step_batch(chunks, 4, cache_a.pad_slot, max_blocks=runner.max_blocks), cache_a)
         b = eager_model(build_step_batch(chunks, 4, cache_b.pad_slot, max_blocks=runner.max_blocks), cache_b)
     assert (a.float() - b.float()).abs().max() < 0.05 * b.float().abs().max()  # bf16 rounding of fused ops
+
+
+def test_fp8_index_cache_graphs(tiny_dir, tmp_path):
+    """Artifacts built for an FP8 indexer key cache record it, make caches of it, equal the eager
+    step with the same cache, and refuse a cache of another index dtype."""
+    out = tmp_path / "fp8-index"
+    manifest = compile_artifacts(tiny_dir, out, Buckets((2,)), block_size=4, max_model_len=64, fp8_index_cache=True,
+                                 progress=lambda _: None)  # fmt: skip
+    assert manifest.index_cache_dtype == "float8_e4m3fn"
+    runner = LLM(tiny_dir, artifacts=out).runner
+    cache_a, cache_b = runner.new_cache(num_blocks=8), runner.new_cache(num_blocks=8)
+    assert cache_a.index_k[0].dtype == torch.float8_e4m3fn
+    chunks = [SeqChunk([40, 41], 0, [3, 5])]
+    with torch.inference_mode():
+        a = runner(build_step_batch(chunks, 4, cache_a.pad_slot, max_blocks=runner.max_blocks), cache_a)
+        b = runner.model(build_step_batch(chunks, 4, cache_b.pad_slot, max_blocks=runner.max_blocks), cache_b)
+    assert (a - b).abs().max() < 1e-5
+    plain = KVCache(runner.model.config, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="the artifacts read torch.float8_e4m3fn"):
+        runner(build_step_batch(chunks, 4, plain.pad_slot, max_blocks=runner.max_blocks), plain)
