@@ -250,3 +250,12 @@ def test_triton_kernels_run_the_model(tiny_dir):
     want = LLM(tiny_dir, dtype="float32").generate(prompts, params)
     got = LLM(tiny_dir, dtype="float32", ops=triton_ops()).generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+def test_engine_config_is_validated(tiny_dir):
+    for field, value in [("block_size", 0), ("max_tokens_per_step", 0), ("max_seqs", -1), ("max_waiting", 0),
+                         ("num_blocks", 0), ("num_speculative_tokens", 17)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"EngineConfig.{field}"):
+            EngineConfig(**{field: value})
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        Engine(tiny_dir, dtype="int8")
