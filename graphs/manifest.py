@@ -12,7 +12,7 @@ import msgspec
 import torch
 
 MANIFEST_FILE = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: index_cache_dtype
 _SAMPLE_BYTES = 1 << 20
 
 
@@ -62,12 +62,14 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
         if not path.is_file():
             raise StaleArtifactsError(f"{artifacts_dir} has no {MANIFEST_FILE}: not a glm5c artifact directory")
         try:
-            manifest = msgspec.json.decode(path.read_bytes(), type=cls)
-        except msgspec.DecodeError as e:
+            version = msgspec.json.decode(path.read_bytes()).get("format")
+            if version != FORMAT:
+                raise StaleArtifactsError(
+                    f"{path} has format {version}, this glm5c reads format {FORMAT}: rebuild with `glm5c compile`"
+                )
+            return msgspec.json.decode(path.read_bytes(), type=cls)
+        except (msgspec.DecodeError, AttributeError) as e:
             raise StaleArtifactsError(f"{path} is corrupted ({e}); rebuild with `glm5c compile`") from None
-        if manifest.format != FORMAT:
-            raise StaleArtifactsError(f"{path} has format {manifest.format}, this glm5c reads format {FORMAT}")
-        return manifest
 
     def differences(self, model_dir: str | Path, device: str, dtype: str) -> list[str]:
         """Everything that differs between what the artifacts were built for and now."""
