@@ -101,6 +101,7 @@ class SamplingBatch:
     output_counts: Tensor | None  # [N, V] fp32 occurrences in the output; None when no row has penalties
     seen: Tensor | None  # [N, V] bool: in the prompt or the output; None when no row has penalties
     use_top_k_top_p: bool  # static: some sampled row has top_k < V or top_p < 1
+    all_greedy: bool  # static: no row samples, so no noise is drawn
     num_top_logprobs: int  # static: the largest `logprobs` asked for (0 = none)
 
     @classmethod
@@ -149,6 +150,7 @@ class SamplingBatch:
             output_counts=counts,
             seen=seen,
             use_top_k_top_p=any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p in params),
+            all_greedy=all(p.greedy for p in params),
             num_top_logprobs=min(max((p.logprobs or 0 for p in params), default=0), vocab_size),
         )
 
@@ -188,8 +190,11 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
     top-k/top-p/min-p masks (greedy rows: temperature 1). Rows that asked for fewer than n top
     logprobs get n; the caller keeps what each asked for."""
     scaled = _scaled(logits, batch)  # [N, V]
-    drawn = (_masked(scaled, batch) + gumbel(batch.seeds, batch.positions, logits.shape[-1], SAMPLE)).argmax(-1)
-    token_ids = torch.where(batch.greedy, scaled.argmax(-1), drawn)  # [N]
+    if batch.all_greedy:
+        token_ids = scaled.argmax(-1)  # [N]
+    else:
+        drawn = (_masked(scaled, batch) + gumbel(batch.seeds, batch.positions, logits.shape[-1], SAMPLE)).argmax(-1)
+        token_ids = torch.where(batch.greedy, scaled.argmax(-1), drawn)  # [N]
     logprobs = scaled.log_softmax(-1)  # [N, V]
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
     if batch.num_top_logprobs == 0:
