@@ -51,6 +51,8 @@ class StepOutput:
     new_token_ids: list[int]
     finished: bool
     finish_reason: str | None  # "stop" | "length" | None while running
+    # when the request asked for logprobs: per new token, its logprob and the top-n {id: logprob}
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
 
 
 class Engine:
@@ -168,13 +170,15 @@ class Engine:
         plain = [(r, c.seq) for r, c in zip(self._logit_rows(chunks), chunks) if c.needs_logits and not c.seq.draft]
         rows, sampling = [r for r, _ in plain], [s for _, s in plain]
         sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, tuple[float, dict[int, float]]] = {}
         if sampling:
             batch = SamplingBatch.from_params(
                 [s.params for s in sampling], [s.output for s in sampling], [s.tokens[: s.prompt_len] for s in sampling],
                 [len(s.tokens) for s in sampling], logits.shape[-1], logits.device,
             )  # fmt: skip
-            ids = sample(logits[rows], batch).token_ids.tolist()
-            sampled = {s.id: [t] for s, t in zip(sampling, ids)}
+            result = sample(logits[rows], batch)
+            sampled = {s.id: [t] for s, t in zip(sampling, result.token_ids.tolist())}
+            logprobs = _logprobs_by_request(sampling, result)
         # one rejection-sampling call for every sequence verifying drafts
         verifying = [c for c in chunks if c.needs_logits and c.seq.draft]
         if verifying:
@@ -205,7 +209,8 @@ class Engine:
             if seq.finish_reason is None:
                 catch_ups.append(CatchUp(seq, chunk.start, rows_hidden[:valid], wants_draft=needs_logits))
             if emitted:
-                outputs.append(StepOutput(seq.id, emitted, seq.finish_reason is not None, seq.finish_reason))
+                lp = [logprobs[seq.id]] if seq.id in logprobs else None
+                outputs.append(StepOutput(seq.id, emitted, seq.finish_reason is not None, seq.finish_reason, lp))
         return outputs, catch_ups
 
     @staticmethod
@@ -234,6 +239,22 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)
         self._active.discard(seq.id)
+
+
+def _logprobs_by_request(seqs: list[Sequence], result) -> dict[str, tuple[float, dict[int, float]]]:
+    """The chosen token's logprob and each request's own top-n, for the requests that asked."""
+    asked = [(i, s) for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not asked:
+        return {}
+    chosen = result.logprobs.tolist()
+    top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+    top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    out = {}
+    for i, s in asked:
+        n = s.params.logprobs
+        top = dict(zip(top_ids[i][:n], top_values[i][:n])) if n and top_ids is not None else {}
+        out[s.id] = (chosen[i], top)
+    return out
 
 
 def default_num_blocks(

@@ -24,6 +24,8 @@ class RequestOutput:
     token_ids: list[int]  # the generated ids
     text: str | None  # the generated text, when the model directory has a tokenizer
     finish_reason: str  # "stop" (eos or a stop token) | "length" (max_tokens)
+    # with SamplingParams(logprobs=n): per generated token, (its logprob, the top-n {id: logprob})
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
 
 
 class LLM:
@@ -100,18 +102,21 @@ class LLM:
                 engine.abort(request_id)
             raise
         outputs: dict[str, list[int]] = {i: [] for i in ids}
+        logprobs: dict[str, list] = {}
         reasons: dict[str, str] = {}
         start, steps_before = time.perf_counter(), len(engine.step_times_s)
         while engine.has_unfinished():
             for out in engine.step():
                 outputs[out.request_id] += out.new_token_ids
+                if out.logprobs is not None:
+                    logprobs.setdefault(out.request_id, []).extend(out.logprobs)
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         elapsed = time.perf_counter() - start
         self.last_stats = {"steps": len(engine.step_times_s) - steps_before,
                            "generated": sum(len(o) for o in outputs.values()), "elapsed_s": elapsed}  # fmt: skip
         return [
-            RequestOutput(prompt, outputs[i], self._decode(outputs[i]), reasons.get(i, "length"))
+            RequestOutput(prompt, outputs[i], self._decode(outputs[i]), reasons.get(i, "length"), logprobs.get(i))
             for i, prompt in zip(ids, prompts)
         ]
 

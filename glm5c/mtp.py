@@ -13,7 +13,8 @@ verified tokens. Drafts are drawn with each request's own sampling parameters (a
 requests), and their distributions kept: verification (`verify`) runs [last token, d1..dk]
 through the main model and applies rejection sampling (glm5c/rejection.py), so the output is
 distributed exactly as without drafts (greedy requests: identical tokens). Requests with
-repetition penalties do not draft: a draft would change the counts its successors see.
+penalties do not draft (a draft would change the counts its successors see), nor do requests
+asking for logprobs (verification reports none).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class Drafter:
         chunks = []
         for e in entries:
             count = e.hidden.shape[0]
-            drafting = e.wants_draft and not e.seq.params.penalized and self._room_for_drafts(e.seq)
+            params = e.seq.params
+            drafting = (e.wants_draft and not params.penalized and params.logprobs is None
+                        and self._room_for_drafts(e.seq))  # fmt: skip
             e.wants_draft = drafting
             chunks.append(SeqChunk(e.seq.tokens[e.start + 1 : e.start + 1 + count], e.start,
                                    self.blocks.tables[e.seq.id], want_logits=drafting))  # fmt: skip

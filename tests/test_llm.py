@@ -252,3 +252,17 @@ def test_penalties_break_a_greedy_loop(llm, greedy_ids):
     for penalty in (dict(repetition_penalty=1.3), dict(presence_penalty=2.0), dict(frequency_penalty=2.0)):
         (out,) = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=8, temperature=0.0, **penalty))
         assert len(set(out.token_ids)) == len(out.token_ids), penalty
+
+
+def test_logprobs_are_returned_per_token(llm):
+    """SamplingParams(logprobs=n) gives, per generated token, its logprob and the top-n; greedy
+    tokens are their own top-1; without logprobs there are none."""
+    import math
+
+    (out,) = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=5, temperature=0.0, logprobs=3))
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == 5
+    for token, (lp, top) in zip(out.token_ids, out.logprobs):
+        assert len(top) == 3 and max(top, key=top.get) == token and math.isclose(top[token], lp)
+        assert lp <= 0.0 and sorted(top.values(), reverse=True) == list(top.values())
+    (plain,) = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=2, temperature=0.0))
+    assert plain.logprobs is None
