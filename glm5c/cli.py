@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    gen.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0: off)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return parser
 
@@ -61,7 +62,10 @@ def _generate(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, ignore_eos=args.ignore_eos
     )
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, artifacts=args.artifacts)
+    from .engine import EngineConfig
+
+    llm = LLM(args.model, dtype=args.dtype, artifacts=args.artifacts,
+              engine_config=EngineConfig(num_speculative_tokens=args.speculative_tokens))  # fmt: skip
     load_s = time.perf_counter() - t0
     if args.chat:
         if llm.tokenizer is None:
@@ -84,7 +88,8 @@ def _generate(args: argparse.Namespace) -> None:
     rate = stats["generated"] / stats["elapsed_s"] if stats["elapsed_s"] else 0.0
     print(
         f"model {llm.model_dir} loaded in {load_s:.2f} s; {stats['generated']} tokens in {stats['steps']} steps, "
-        f"{stats['elapsed_s']:.2f} s ({rate:.1f} tok/s, {'compiled graphs' if llm.runner else 'eager reference ops'})",
+        f"{stats['elapsed_s']:.2f} s ({rate:.1f} tok/s, {'compiled graphs' if llm.runner else 'eager reference ops'})"
+        + (f"; MTP accept length {llm.engine.drafter.stats.mean_accept_length:.2f}" if llm.engine.drafter else ""),
         file=sys.stderr,
     )
 
