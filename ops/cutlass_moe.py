@@ -12,7 +12,7 @@ step with it can be captured in a CUDA graph:
                                               gu [P, 2I] bf16 = [xs W_g^T | xs W_u^T] per expert
   4. _swiglu_quant_kernel                     h = silu(gate) * up [P, I] -> fp8 + [P, I/128] (Triton)
   5. CUTLASS grouped GEMM, down               y [P, D] bf16, rows in sorted order
-  6. _combine_sorted_kernel                   out[t] = sum_j w[t, j] * y[row of pair (t, j)] (Triton)
+  6. moe_triton.combine                      out[t] = sum_j w[t, j] * y[row of pair (t, j)] (Triton)
 
 Rows past group_ends[-1] (pairs routed to other ranks) are never written by the GEMMs and are
 masked out by the combine. The gate/up product is rounded to bf16 before SwiGLU, as vLLM's and
@@ -49,6 +49,7 @@ from torch import Tensor
 from . import fp8, moe
 from .cutlass import build as _build
 from .fp8_triton import quantize_act, round_to_e4m3
+from .moe_triton import combine
 
 ABI_VERSION = 1
 CONFIGS = {"tile128x128": 0, "swapab128x32": 1}
@@ -245,26 +246,8 @@ def _swiglu_quant_kernel(
     tl.store(h_scale_ptr + row * n_groups + g, scale, mask=g < n_groups)
 
 
-@triton.jit
-def _combine_sorted_kernel(
-    y_ptr, row_of_pair_ptr, ids_ptr, w_ptr, out_ptr,  # y [P, D] sorted rows, row_of_pair [P], ids/w [T, k]
-    first_expert, n_local, D, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """out[t] = sum_j w[t, j] * y[row_of_pair[t*k + j]] over the token's local experts (no atomics)."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for j in tl.static_range(TOP_K):
-        local = tl.load(ids_ptr + t * TOP_K + j) - first_expert
-        width = tl.where((local >= 0) & (local < n_local), D, 0)  # other ranks' pairs have no row of y
-        row = tl.load(row_of_pair_ptr + t * TOP_K + j).to(tl.int64)
-        y = tl.load(y_ptr + row * D + cols, mask=cols < width, other=0.0)
-        acc += tl.load(w_ptr + t * TOP_K + j) * y.to(tl.float32)
-    tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
-
 
 _SWIGLU_GROUPS = 4
-_COMBINE_BLOCK_D = 512
 
 
 def swiglu_quant(gu: Tensor, group_ends: Tensor) -> tuple[Tensor, Tensor]:
@@ -338,8 +321,4 @@ def experts(
     h, h_scale = swiglu_quant(gu, group_ends)  # [P, I] fp8
     y = grouped_gemm_fp8(h, h_scale, down_proj, down_s, None, None, group_ends, cfg)  # [P, D] bf16, sorted
     row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(p, device=x.device))
-    _combine_sorted_kernel[(t, triton.cdiv(d, _COMBINE_BLOCK_D))](
-        y, row_of_pair, expert_ids.contiguous(), expert_weights.float().contiguous(), out, first_expert, n_local, d,
-        TOP_K=top_k, BLOCK_D=_COMBINE_BLOCK_D,
-    )  # fmt: skip
-    return out
+    return combine(y, expert_ids, expert_weights, first_expert, n_local, out, row_of_pair)

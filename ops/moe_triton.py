@@ -177,18 +177,38 @@ def _down_kernel(
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, ids_ptr, w_ptr, out_ptr,  # y [T*k, D], expert ids [T, k], weights [T, k] fp32, out [T, D]
-    first_expert, n_local, D, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    y_ptr, row_of_pair_ptr, ids_ptr, w_ptr, out_ptr,  # y [P, D]; row_of_pair [P]; ids, w [T, k]; out [T, D]
+    first_expert, n_local, D, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, ROW_MAP: tl.constexpr,
 ):  # fmt: skip
+    """out[t] = sum_j w[t, j] * y[row of pair t*k + j] over the token's local experts (no atomics);
+    the row is the pair index itself, or row_of_pair[pair] when ROW_MAP (y in sorted order)."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         local = tl.load(ids_ptr + t * TOP_K + j) - first_expert
         width = tl.where((local >= 0) & (local < n_local), D, 0)  # other ranks' pairs have no row of y
-        y = tl.load(y_ptr + (t * TOP_K + j) * D + cols, mask=cols < width, other=0.0)
+        row = t * TOP_K + j
+        if ROW_MAP:
+            row = tl.load(row_of_pair_ptr + row).to(tl.int64)
+        y = tl.load(y_ptr + row * D + cols, mask=cols < width, other=0.0)
         acc += tl.load(w_ptr + t * TOP_K + j) * y.to(tl.float32)
     tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def combine(
+    y: Tensor, expert_ids: Tensor, expert_weights: Tensor, first_expert: int, n_local: int, out: Tensor,
+    row_of_pair: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """out [T, D] = each token's weighted sum of its local experts' rows of y [P, D] (rows in pair
+    order, or where row_of_pair [P] says)."""
+    t, top_k = expert_ids.shape
+    d = out.shape[1]
+    _combine_kernel[(t, triton.cdiv(d, _COMBINE_BLOCK_D))](
+        y, y if row_of_pair is None else row_of_pair, expert_ids.contiguous(), expert_weights.float().contiguous(),
+        out, first_expert, n_local, d, TOP_K=top_k, BLOCK_D=_COMBINE_BLOCK_D, ROW_MAP=row_of_pair is not None,
+    )  # fmt: skip
+    return out
 
 
 def _configs(fp8_weights: bool, gate_up: bool) -> list[triton.Config]:
@@ -298,8 +318,4 @@ def experts(
     y = torch.empty(p, d, dtype=x.dtype, device=x.device)  # [P, D] in pair order
     down_args = (h, h_scale, order, group_ends, n_local, down_proj, down_s, y, d, i, bucket)
     _grouped_gemm(False, fp8_weights, p, n_local, down_args, **const)
-    _combine_kernel[(t, triton.cdiv(d, _COMBINE_BLOCK_D))](
-        y, expert_ids.contiguous(), expert_weights.float().contiguous(), out, first_expert, n_local, d,
-        TOP_K=top_k, BLOCK_D=_COMBINE_BLOCK_D,
-    )  # fmt: skip
-    return out
+    return combine(y, expert_ids, expert_weights, first_expert, n_local, out)

@@ -172,9 +172,7 @@ def _stages(x, ids, weights, w, scales, first_expert: int, config: int) -> torch
 
     out = torch.empty(t, d, dtype=x.dtype)
     row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(t * k))
-    cutlass_moe._combine_sorted_kernel[(t, -(-d // 512))](
-        y, row_of_pair, ids, weights.float(), out, first_expert, n_local, d, TOP_K=k, BLOCK_D=512
-    )
+    moe_triton.combine(y, ids, weights, first_expert, n_local, out, row_of_pair)
     local = ((ids - first_expert) >= 0) & ((ids - first_expert) < n_local)  # [T, k]
     terms = y[row_of_pair].double().view(t, k, d) * (weights.double() * local)[:, :, None]
     rounding = 2.0**-7 * terms.sum(1).abs() if x.dtype != torch.float32 else 0  # the interpreter truncates to bf16
