@@ -141,8 +141,7 @@ def _fp8_stages(x, ids, weights, w, scales, first_expert: int) -> torch.Tensor:
     assert ((y[pair].double() - y_exact).abs() <= y_bound).all()
 
     out = torch.empty(t, d)
-    combine_args = (y, ids, weights, out, first_expert, n_local, d)
-    moe_triton._combine_kernel[(t, triton.cdiv(d, 512))](*combine_args, TOP_K=k, BLOCK_D=512)
+    moe_triton.combine(y, ids, weights, first_expert, n_local, out)
     terms = torch.zeros(t * k, d, dtype=torch.float64).index_copy_(0, pair, y[pair].double())  # other ranks' pairs 0
     terms = terms.view(t, k, d) * weights.double()[:, :, None]
     assert ((out.double() - terms.sum(1)).abs() <= (k + 1) * 2.0**-24 * terms.abs().sum(1)).all()
