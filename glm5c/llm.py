@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from .default_model import default_model_dir
+from .detokenizer import IncrementalDetokenizer
 from .engine import Engine, EngineConfig
 from .ops import REFERENCE, Ops
 from .sampling import SamplingParams
@@ -66,6 +67,8 @@ class LLM:
         params_list = [params] * len(prompt_ids) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompt_ids):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(prompt_ids)} prompts")
+        if self.tokenizer is None and any(p.stop for p in params_list):
+            raise ValueError(f"stop strings need a tokenizer, and {self.model_dir} has none (use stop_token_ids)")
         context = self.engine.max_model_len
         for i, (ids, p) in enumerate(zip(prompt_ids, params_list)):
             if len(ids) + p.max_tokens > context:
@@ -104,19 +107,31 @@ class LLM:
         outputs: dict[str, list[int]] = {i: [] for i in ids}
         logprobs: dict[str, list] = {}
         reasons: dict[str, str] = {}
+        # stop strings live in text: each such request's tokens go through a detokenizer
+        detoks = {i: IncrementalDetokenizer(self.tokenizer, p.stop) for i, p in zip(ids, params) if p.stop}
         start, steps_before = time.perf_counter(), len(engine.step_times_s)
         while engine.has_unfinished():
             for out in engine.step():
                 outputs[out.request_id] += out.new_token_ids
                 if out.logprobs is not None:
                     logprobs.setdefault(out.request_id, []).extend(out.logprobs)
+                detok = detoks.get(out.request_id)
+                if detok is not None and not out.finished:
+                    detok.push(out.new_token_ids)
+                    if detok.stopped_by is not None:
+                        engine.abort(out.request_id)
+                        reasons[out.request_id] = "stop"
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         elapsed = time.perf_counter() - start
         self.last_stats = {"steps": len(engine.step_times_s) - steps_before,
                            "generated": sum(len(o) for o in outputs.values()), "elapsed_s": elapsed}  # fmt: skip
+        texts = {i: self._decode(outputs[i]) for i in ids}
+        for i, detok in detoks.items():
+            if detok.stopped_by is not None:
+                texts[i] = detok.text  # cut before the stop string
         return [
-            RequestOutput(prompt, outputs[i], self._decode(outputs[i]), reasons.get(i, "length"), logprobs.get(i))
+            RequestOutput(prompt, outputs[i], texts[i], reasons.get(i, "length"), logprobs.get(i))
             for i, prompt in zip(ids, prompts)
         ]
 

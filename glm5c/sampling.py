@@ -29,6 +29,7 @@ class SamplingParams:
     min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings, cut from the text (needs a tokenizer)
     ignore_eos: bool = False
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output; 1 = off
     presence_penalty: float = 0.0  # subtracted from the logit of every token in the output
@@ -60,7 +61,10 @@ class SamplingParams:
                 raise bad(name, "must be a number in [-2, 2]")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}] or None")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a list of non-empty strings")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def greedy(self) -> bool:

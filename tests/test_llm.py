@@ -266,3 +266,18 @@ def test_logprobs_are_returned_per_token(llm):
         assert lp <= 0.0 and sorted(top.values(), reverse=True) == list(top.values())
     (plain,) = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=2, temperature=0.0))
     assert plain.logprobs is None
+
+
+def test_stop_strings_cut_the_text(llm):
+    """A stop string taken from the greedy text ends the request there: finish "stop", text cut
+    before it, and the request frees its blocks."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    (full,) = llm.generate([PROMPT_IDS], params)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip(), full.text
+    (out,) = llm.generate([PROMPT_IDS], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]))
+    assert out.finish_reason == "stop" and out.text == full.text[: full.text.find(stop)]
+    assert len(out.token_ids) < len(full.token_ids)
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(ValueError, match="SamplingParams.stop"):
+        SamplingParams(stop="abc")
