@@ -167,7 +167,8 @@ class Engine:
         """Sample (or verify drafts), append tokens, finish sequences. -> outputs, and the positions
         each sequence validly computed this step with their hidden states (for the MTP drafter)."""
         # one batched sampling call for every sequence that samples a plain next token
-        plain = [(r, c.seq) for r, c in zip(self._logit_rows(chunks), chunks) if c.needs_logits and not c.seq.draft]
+        first_rows = self._logit_rows(chunks)
+        plain = [(r, c.seq) for r, c in zip(first_rows, chunks) if c.needs_logits and not c.seq.draft]
         rows, sampling = [r for r, _ in plain], [s for _, s in plain]
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, tuple[float, dict[int, float]]] = {}
@@ -180,12 +181,11 @@ class Engine:
             sampled = {s.id: [t] for s, t in zip(sampling, result.token_ids.tolist())}
             logprobs = _logprobs_by_request(sampling, result)
         # one rejection-sampling call for every sequence verifying drafts
-        verifying = [c for c in chunks if c.needs_logits and c.seq.draft]
+        verifying = [(r, c) for r, c in zip(first_rows, chunks) if c.needs_logits and c.seq.draft]
         if verifying:
-            starts = [r for r, c in zip(self._logit_rows(chunks), chunks) if c.needs_logits and c.seq.draft]
-            k1 = verifying[0].num_tokens  # 1 + k, the same for every drafting sequence
-            target = torch.stack([logits[r : r + k1] for r in starts])  # [N, 1 + k, V]
-            for c, tokens in zip(verifying, verify([c.seq for c in verifying], target)):
+            k1 = verifying[0][1].num_tokens  # 1 + k, the same for every drafting sequence
+            target = torch.stack([logits[r : r + k1] for r, _ in verifying])  # [N, 1 + k, V]
+            for (_, c), tokens in zip(verifying, verify([c.seq for _, c in verifying], target)):
                 sampled[c.seq.id] = tokens
 
         outputs, catch_ups = [], []
