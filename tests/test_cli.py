@@ -115,3 +115,16 @@ def test_module_entry_point(tiny_dir):
     assert proc.returncode == 0, proc.stderr
     (line,) = _json_lines(proc.stdout)
     assert line["prompt"] == "hi" and len(line["token_ids"]) == 3 and line["finish_reason"] == "length"
+
+
+def test_generate_rejects_bad_engine_flags_cleanly(tiny_dir, tmp_path, capsys):
+    """Out-of-range --speculative-tokens and a missing --artifacts directory end with a one-line
+    error and exit code 2, no traceback."""
+    from glm5c.cli import main
+
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--speculative-tokens", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "num_speculative_tokens must be in [0, 16]" in err and "Traceback" not in err
+    assert main(["generate", "--model", str(tiny_dir), "--artifacts", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "not a glm5c artifact directory" in err and "Traceback" not in err
