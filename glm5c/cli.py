@@ -2,6 +2,8 @@
 
     glm5c compile  [--model DIR] --out ARTIFACTS [--buckets 1,2,4,8] [--device cpu|cuda] [--max-model-len N]
     glm5c generate [--model DIR] [--artifacts ARTIFACTS] [--prompt TEXT ...] [--chat] [--max-tokens N]
+    glm5c serve    [--model DIR] [--artifacts ARTIFACTS] [--host 127.0.0.1] [--port 5555] [--curve-keys DIR]
+    glm5c keys     --out DIR
 
 Without --model, commands use the built-in default model (made on first use).
 """
@@ -51,7 +53,62 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
     gen.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0: off)")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    srv = sub.add_parser("serve", help="serve over ZMQ + msgspec (see glm5c/protocol.py) until SIGTERM")
+    srv.add_argument("--model", help="Hugging Face model directory (default: the built-in mini model)")
+    srv.add_argument("--artifacts", help="serve the compiled graphs from this `glm5c compile` directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --curve-keys)")
+    srv.add_argument("--port", type=int, default=5555, help="TCP port (0: any free port, printed when ready)")
+    srv.add_argument("--curve-keys", help="directory from `glm5c keys`: encrypt, and admit only its clients")
+    srv.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--num-blocks", type=_positive_int, help="KV cache blocks (default: sized from memory)")
+    srv.add_argument("--max-seqs", type=_positive_int, default=256, help="sequences per step")
+    srv.add_argument("--max-tokens-per-step", type=_positive_int, default=256)
+    srv.add_argument("--max-waiting", type=_positive_int, default=4096, help="queued requests before queue_full")
+    srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0: off)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
+    srv.add_argument("--max-restarts", type=int, default=3, help="child deaths survived before exiting with 1")
+
+    keys = sub.add_parser("keys", help="make CURVE key pairs for serve --curve-keys and the client")
+    keys.add_argument("--out", required=True, help="directory to write server.key(_secret), client.key(_secret)")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .default_model import default_model_dir
+    from .engine import EngineConfig
+    from .serve import ServeConfig, serve
+
+    engine = EngineConfig(
+        num_blocks=args.num_blocks, max_tokens_per_step=args.max_tokens_per_step, max_seqs=args.max_seqs,
+        max_waiting=args.max_waiting, prefix_caching=not args.no_prefix_caching,
+        num_speculative_tokens=args.speculative_tokens,
+    )  # fmt: skip
+    config = ServeConfig(
+        str(args.model or default_model_dir()), args.artifacts, args.host, args.port, args.curve_keys, args.dtype,
+        args.device, engine, args.drain_timeout, args.max_restarts,
+    )  # fmt: skip
+    return serve(config)
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import zmq.auth
+
+    out = Path(args.out)
+    existing = [f.name for f in out.glob("*.key*")] if out.is_dir() else []
+    if existing:
+        raise ValueError(f"{out} already holds keys ({', '.join(sorted(existing))}); choose an empty directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("server", "client"):
+        zmq.auth.create_certificates(out, name)
+    for secret in out.glob("*.key_secret"):
+        secret.chmod(0o600)
+    print(f"wrote {out}/server.key(_secret) and {out}/client.key(_secret): serve with --curve-keys {out}; "
+          f"give clients server.key and their own key pair (the server admits every *.key in {out})")  # fmt: skip
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -118,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             _compile(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "serve":
+            return _serve(args)
+        elif args.command == "keys":
+            _keys(args)
     except (ValueError, OSError) as e:  # bad input: config, checkpoint, prompt or parameters
         print(f"glm5c: error: {e}", file=sys.stderr)
         return 2

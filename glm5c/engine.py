@@ -53,6 +53,8 @@ class StepOutput:
     finish_reason: str | None  # "stop" | "length" | None while running
     # when the request asked for logprobs: per new token, its logprob and the top-n {id: logprob}
     logprobs: list[tuple[float, dict[int, float]]] | None = None
+    first_scheduled_s: float = 0.0  # time.monotonic() when the request first entered a step
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class Engine:
@@ -106,6 +108,7 @@ class Engine:
         self._active: set[str] = set()  # request ids queued or running
         self._arrivals = itertools.count()
         self.step_times_s: list[float] = []
+        self.generated_tokens = 0
         self.forward_times_s: list[float] = []
 
     # ---- requests ------------------------------------------------------------------------------
@@ -132,6 +135,16 @@ class Engine:
         """Drop a request and free its blocks. -> whether it was still queued or running."""
         self._active.discard(request_id)
         return self.scheduler.abort(request_id) is not None
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot for monitoring: queue lengths, KV blocks, prefix-cache hits, tokens generated."""
+        cache = self.blocks.stats
+        return {
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "kv_blocks_free": self.blocks.num_free_blocks, "kv_blocks_total": self.blocks.num_blocks,
+            "prefix_cache_hit_rate": cache.hit_blocks / cache.queried_blocks if cache.queried_blocks else 0.0,
+            "generated_tokens": self.generated_tokens,
+        }  # fmt: skip
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
@@ -208,9 +221,11 @@ class Engine:
             emitted = self._append(seq, new_tokens)
             if seq.finish_reason is None:
                 catch_ups.append(CatchUp(seq, chunk.start, rows_hidden[:valid], wants_draft=needs_logits))
+            self.generated_tokens += len(emitted)
             if emitted:
                 lp = [logprobs[seq.id]] if seq.id in logprobs else None
-                outputs.append(StepOutput(seq.id, emitted, seq.finish_reason is not None, seq.finish_reason, lp))
+                outputs.append(StepOutput(seq.id, emitted, seq.finish_reason is not None, seq.finish_reason, lp,
+                                          seq.first_scheduled_s or 0.0, seq.cached_tokens))  # fmt: skip
         return outputs, catch_ups
 
     @staticmethod

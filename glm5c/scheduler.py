@@ -11,6 +11,7 @@ the tokens it already generated. The queue is bounded; a full queue rejects new 
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ class Sequence:
     num_preemptions: int = 0
     draft: list[int] = field(default_factory=list)  # MTP draft tokens to verify after tokens[-1]
     draft_probs: Any = None  # [k, V] tensor: the distributions the drafts were drawn from
+    first_scheduled_s: float | None = None  # time.monotonic() when it was first admitted to a step
+    cached_tokens: int = 0  # prompt tokens the prefix cache held at that first admission
 
     @property
     def output(self) -> list[int]:
@@ -134,6 +137,8 @@ class Scheduler:
             if cached is None:
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s, seq.cached_tokens = time.monotonic(), cached
             seq.num_computed = cached
             self.running.append(seq)
             n = min(len(seq.tokens) - cached, budget)
