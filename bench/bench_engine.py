@@ -19,32 +19,7 @@ import time
 
 import torch
 
-
-def read_bandwidth_bytes_per_s(threads: int) -> float:
-    """Summing a 1 GiB tensor, best of 5."""
-    x = torch.ones(1 << 28, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.nbytes / best
-
-
-def step_floor_bytes(model, batch: int, context: int) -> float:
-    """Bytes one decode step of `batch` requests at `context` tokens must read."""
-    config = model.config
-    expert_bytes = sum(p.nbytes for n, p in model.named_parameters() if ".mlp.experts." in n and not n.startswith("mtp."))
-    other = sum(p.nbytes for n, p in model.named_parameters() if ".mlp.experts." not in n and not n.startswith("mtp."))
-    other -= model.embed_tokens.weight.nbytes  # only `batch` rows of the embedding are read
-    e, k = config.n_routed_experts, config.num_experts_per_tok
-    touched = 1 - (1 - k / e) ** batch  # expected fraction of experts some token picks
-    element = model.dtype.itemsize
-    kv_per_token = sum(
-        config.kv_cache_dim + (config.index_head_dim if config.layer_has_indexer(i) else 0)
-        for i in range(config.num_hidden_layers)
-    ) * element
-    return other + touched * expert_bytes + batch * context * kv_per_token
+from glm5c.bench.roofline import read_bandwidth_bytes_per_s, step_floor_bytes
 
 
 def main() -> None:
@@ -73,7 +48,7 @@ def main() -> None:
     if args.artifacts:
         variants["compiled"] = LLM(model_dir, artifacts=args.artifacts)
     hf = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=variants["eager"].model.dtype).eval()
-    bandwidth = read_bandwidth_bytes_per_s(args.threads)
+    bandwidth = read_bandwidth_bytes_per_s()
     report: dict = {"model": model_dir, "read_bandwidth_GBps": bandwidth / 1e9, "rows": []}
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
 

@@ -4,6 +4,8 @@
     glm5c generate [--model DIR] [--artifacts ARTIFACTS] [--prompt TEXT ...] [--chat] [--max-tokens N]
     glm5c serve    [--model DIR] [--artifacts ARTIFACTS] [--host 127.0.0.1] [--port 5555] [--curve-keys DIR]
     glm5c keys     --out DIR
+    glm5c bench    latency [--batch-size 8 --input-len 32 --output-len 128 --baseline transformers ...]
+    glm5c bench    serve [--launch | --address ADDR] [--num-prompts 100 --concurrency-sweep 1,4,16 ...]
 
 Without --model, commands use the built-in default model (made on first use).
 """
@@ -70,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--speculative-tokens", type=int, default=0, help="MTP draft tokens per step (0: off)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     srv.add_argument("--max-restarts", type=int, default=3, help="child deaths survived before exiting with 1")
+
+    from .bench import latency as bench_latency
+    from .bench import serve as bench_serve
+
+    bench = sub.add_parser("bench", help="latency and serving benchmarks (vLLM's flags and metric names)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_latency.add_arguments(bench_sub.add_parser("latency", help=bench_latency.__doc__.split("\n")[0],
+                                                     description=bench_latency.__doc__))  # fmt: skip
+    bench_serve.add_arguments(bench_sub.add_parser("serve", help=bench_serve.__doc__.split("\n")[0],
+                                                   description=bench_serve.__doc__))  # fmt: skip
 
     keys = sub.add_parser("keys", help="make CURVE key pairs for serve --curve-keys and the client")
     keys.add_argument("--out", required=True, help="directory to write server.key(_secret), client.key(_secret)")
@@ -179,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         elif args.command == "keys":
             _keys(args)
+        elif args.command == "bench":
+            from .bench import latency, serve
+
+            (latency if args.bench_command == "latency" else serve).main(args)
     except (ValueError, OSError) as e:  # bad input: config, checkpoint, prompt or parameters
         print(f"glm5c: error: {e}", file=sys.stderr)
         return 2

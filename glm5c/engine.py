@@ -143,7 +143,8 @@ class Engine:
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "kv_blocks_free": self.blocks.num_free_blocks, "kv_blocks_total": self.blocks.num_blocks,
             "prefix_cache_hit_rate": cache.hit_blocks / cache.queried_blocks if cache.queried_blocks else 0.0,
-            "generated_tokens": self.generated_tokens,
+            "generated_tokens": self.generated_tokens, "max_model_len": self.max_model_len,
+            "vocab_size": self.model_config.vocab_size,
         }  # fmt: skip
 
     def has_unfinished(self) -> bool:

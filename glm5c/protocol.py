@@ -154,6 +154,8 @@ class Stats(Struct, tag="stats", tag_field="type"):
     kv_blocks_total: int
     prefix_cache_hit_rate: float
     generated_tokens: int
+    max_model_len: int = 0  # the longest prompt + max_tokens the server accepts
+    vocab_size: int = 0  # token ids must be below this
 
 
 ClientMessage = Union[GenerateRequest, Cancel, HealthCheck, StatsRequest]

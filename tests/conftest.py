@@ -58,6 +58,22 @@ def config_c_dir(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "c", "tiny", seed=2, overrides=CONFIG_C)
 
 
+TINY_BUCKETS = (1, 4)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_dir, tmp_path_factory) -> Path:
+    """`glm5c compile` output for the tiny checkpoint: buckets 1 and 4, block size 4, 128 tokens."""
+    from glm5c.graphs.buckets import Buckets
+    from glm5c.graphs.compile import compile_artifacts, compile_count
+
+    before = compile_count()
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    compile_artifacts(tiny_dir, out, Buckets(TINY_BUCKETS), block_size=4, max_model_len=128, progress=lambda _: None)
+    assert compile_count() > before  # the counter sees compilations (so 0 at load means something)
+    return out
+
+
 def load_oracle(model_dir: Path):
     """transformers' GlmMoeDsaForCausalLM in float32 (the MTP layer's tensors are ignored by it)."""
     from transformers import GlmMoeDsaForCausalLM

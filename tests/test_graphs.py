@@ -15,21 +15,17 @@ import torch
 from glm5c import LLM, SamplingParams
 from glm5c.batch import SeqChunk, build_step_batch
 from glm5c.graphs.buckets import Buckets
-from glm5c.graphs.compile import compile_artifacts, compile_count, ops_for
+from glm5c.graphs.compile import compile_artifacts, ops_for
 from glm5c.graphs.manifest import MANIFEST_FILE, StaleArtifactsError
 from glm5c.graphs.runner import GraphRunner
 from glm5c.kv_cache import KVCache
 
-BUCKETS = (1, 4)
+from .conftest import TINY_BUCKETS as BUCKETS
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_dir, tmp_path_factory):
-    before = compile_count()
-    out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    compile_artifacts(tiny_dir, out, Buckets(BUCKETS), block_size=4, max_model_len=128, progress=lambda _: None)
-    assert compile_count() > before  # the counter sees compilations (so 0 at load means something)
-    return out
+def artifacts(tiny_artifacts):
+    return tiny_artifacts
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,178 @@
+"""`glm5c bench`: the metric logic on timelines with known answers, and both subcommands end to
+end on the tiny checkpoint (JSON with every documented field, valid PNGs, clear errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from glm5c.bench.metrics import SLO, RequestTimeline, percentile, std, summarize
+from glm5c.bench.serve import arrival_gaps_s
+
+GLM5C = [sys.executable, "-m", "glm5c.cli"]
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+def test_percentile_and_std_match_numpy_definitions():
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 50) == 2.5 and percentile(values, 0) == 1.0 and percentile(values, 100) == 4.0
+    assert percentile(values, 90) == pytest.approx(3.7) and percentile(values, 25) == pytest.approx(1.75)
+    assert percentile([7.0], 99) == 7.0 and math.isnan(percentile([], 50))
+    assert std([1.0, 3.0]) == 1.0  # population std, numpy's default
+
+
+def _timeline(sent, chunks, end, prompt=10, error=""):
+    return RequestTimeline(sent, prompt, [t for t, _ in chunks], [n for _, n in chunks], end, error)
+
+
+def test_ttft_tpot_itl_e2el_throughput_and_goodput_on_a_known_timeline():
+    a = _timeline(0.0, [(0.1, 1), (0.2, 1), (0.4, 2)], 0.4)  # 4 tokens; ttft 100 ms; tpot (400-100)/3 = 100 ms
+    b = _timeline(1.0, [(1.5, 1), (1.6, 1)], 1.6, prompt=20)  # 2 tokens; ttft 500 ms; tpot 100 ms
+    c = _timeline(0.5, [(0.55, 1)], 0.55)  # 1 token: no tpot, no itl
+    failed = _timeline(0.0, [(0.3, 1)], None, error="unavailable: boom")
+    slo = SLO(ttft_ms=200, tpot_ms=150)
+    r = summarize([a, b, c, failed], duration_s=2.0, percentiles=(50, 99), slo=slo)
+    assert (r["completed"], r["failed"]) == (3, 1)
+    assert (r["total_input_tokens"], r["total_output_tokens"]) == (40, 7)
+    assert r["request_throughput"] == 1.5 and r["output_throughput"] == 3.5 and r["total_token_throughput"] == 23.5
+    assert r["request_goodput"] == 1.0  # a and c meet both objectives; b's TTFT does not
+    assert r["mean_ttft_ms"] == pytest.approx((100 + 500 + 50) / 3) and r["median_ttft_ms"] == pytest.approx(100)
+    assert r["mean_tpot_ms"] == pytest.approx(100) and r["p99_tpot_ms"] == pytest.approx(100)
+    assert r["mean_itl_ms"] == pytest.approx((100 + 200 + 100) / 3) and r["median_itl_ms"] == pytest.approx(100)
+    assert r["mean_e2el_ms"] == pytest.approx((400 + 600 + 50) / 3) and r["p50_e2el_ms"] == pytest.approx(400)
+    assert r["mean_tokens_per_chunk"] == pytest.approx(7 / 6)
+    assert summarize([a], 1.0)["request_goodput"] is None  # no SLOs given
+
+
+def test_slo_parsing_and_arrival_gaps():
+    assert SLO.parse(["ttft:200", "e2el:1e4"]) == SLO(ttft_ms=200.0, e2el_ms=1e4)
+    for bad in (["ttft"], ["latency:5"], ["tpot:fast"], ["ttft:-1"]):
+        with pytest.raises(ValueError, match="--goodput"):
+            SLO.parse(bad)
+    assert arrival_gaps_s(3, math.inf, 1.0, 0) == [0.0, 0.0, 0.0]
+    gaps = arrival_gaps_s(20000, 50.0, 1.0, 0)
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.03)  # Poisson: mean gap 1/rate
+    bursty = arrival_gaps_s(20000, 50.0, 0.25, 0)
+    assert sum(bursty) / len(bursty) == pytest.approx(1 / 50, rel=0.05) and std(bursty) > 1.5 * std(gaps)
+
+
+# ---- end to end --------------------------------------------------------------------------------
+def _png_ok(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0] == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height = struct.unpack(">II", chunks[0][1][:8])
+    pixels = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert len(pixels) == height * (1 + 3 * width)
+    return width, height
+
+
+LATENCY_FIELDS = ("avg_latency", "latencies", "percentiles", "mode", "batch_size", "input_len", "output_len",
+                  "prefill_ms", "decode_step_ms", "output_tokens_per_s", "roofline")  # fmt: skip
+
+
+def test_bench_latency_end_to_end_with_transformers_baseline(tiny_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    run = subprocess.run(GLM5C + ["bench", "latency", "--model", str(tiny_dir), "--batch-size", "2", "--input-len", "8",
+                                  "--output-len", "5", "--num-iters-warmup", "1", "--num-iters", "2",
+                                  "--baseline", "transformers", "--output-json", str(out)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert all(field in result for field in LATENCY_FIELDS)
+    assert len(result["latencies"]) == 2 and set(result["percentiles"]) == {"10", "25", "50", "75", "90", "99"}
+    assert result["mode"] == "eager" and sum(s["steps"] for s in result["decode_step_ms"].values()) == 2 * 4
+    assert result["roofline"]["bytes"] > 0 and 0 < result["roofline"]["floor_over_step"]
+    assert result["baseline"]["name"] == "transformers" and result["baseline"]["speedup"] > 0
+    assert "transformers generate" in run.stdout and "decode step" in run.stdout
+
+
+def test_bench_latency_compiled_against_eager(tiny_dir, tiny_artifacts, tmp_path):
+    out = tmp_path / "latency.json"
+    run = subprocess.run(GLM5C + ["bench", "latency", "--model", str(tiny_dir), "--artifacts", str(tiny_artifacts),
+                                  "--batch-size", "3", "--input-len", "4", "--output-len", "3", "--num-iters", "1",
+                                  "--eager", "--output-json", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # 3 decodes run in bucket 4; the prefill (4 tokens a step: the largest bucket) staggers them, so the
+    # last requests finish in steps of their own, in bucket 1
+    assert result["mode"] == "compiled" and "4" in result["decode_step_ms"] and set(result["decode_step_ms"]) <= {"1", "4"}
+    assert result["eager"]["speedup"] > 0
+
+
+SERVE_FIELDS = ("date", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
+                "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
+                "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
+                "input_lens", "output_lens", "ttfts", "itls", "generated_texts", "errors", "mean_tokens_per_chunk",
+                *(f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "std", "p99")))  # fmt: skip
+
+
+def test_bench_serve_launches_a_server_sweeps_and_plots(tiny_dir, tmp_path):
+    run = subprocess.run(GLM5C + ["bench", "serve", "--launch", "--model", str(tiny_dir), "--num-prompts", "6",
+                                  "--random-input-len", "8", "--random-output-len", "4", "--random-range-ratio", "0.5",
+                                  "--concurrency-sweep", "1,3", "--ignore-eos", "--goodput", "ttft:60000",
+                                  "--save-result", "--result-dir", str(tmp_path), "--result-filename", "run.json"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Serving Benchmark Result" in run.stdout and "Median TPOT (ms)" in run.stdout
+    for c in (1, 3):
+        result = json.loads((tmp_path / f"run-c{c}.json").read_text())
+        missing = [f for f in SERVE_FIELDS if f not in result]
+        assert not missing, missing
+        assert result["max_concurrency"] == c and result["completed"] == 6 and result["failed"] == 0
+        assert result["total_output_tokens"] == sum(result["output_lens"]) and all(2 <= n <= 6 for n in result["output_lens"])
+        assert result["request_goodput"] == pytest.approx(result["request_throughput"])
+        assert result["roofline"]["decode_step_floor_ms"] > 0
+    for name in ("ttft-cdf", "e2el-cdf", "throughput", "tpot"):
+        assert _png_ok(tmp_path / f"run-{name}.png") == (640, 420)
+
+
+def test_bench_serve_jsonl_dataset_against_a_running_server(tiny_dir, tmp_path):
+    from glm5c.serve.launcher import ServerProcess
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "Hello there", "max_tokens": 3}\n\n'
+                    '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}\n')  # fmt: skip
+    with ServerProcess(["--model", str(tiny_dir), "--port", "0"], 180) as server:
+        run = subprocess.run(GLM5C + ["bench", "serve", "--address", server.address, "--dataset-name", "jsonl",
+                                      "--dataset-path", str(data), "--num-prompts", "4", "--request-rate", "20",
+                                      "--ignore-eos", "--save-result", "--result-dir", str(tmp_path), "--no-plots",
+                                      "--result-filename", "j.json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "j.json").read_text())
+    assert result["completed"] == 4 and result["output_lens"] == [3, 2, 3, 2] and result["request_rate"] == 20
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["serve", "--num-prompts", "0"], "--num-prompts must be >= 1"),
+        (["serve", "--request-rate", "-2"], "--request-rate must be > 0"),
+        (["serve", "--concurrency-sweep", "1,x"], "--concurrency-sweep must be integers"),
+        (["serve", "--dataset-name", "jsonl"], "needs --dataset-path"),
+        (["serve", "--goodput", "speed:3"], "--goodput"),
+        (["serve", "--metric-percentiles", "50,100"], "--metric-percentiles"),
+        (["serve", "--address", "tcp://127.0.0.1:9"], "cannot reach a glm5c server at tcp://127.0.0.1:9"),
+        (["latency", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["latency", "--eager"], "--eager compares"),
+        (["latency", "--artifacts", "/nonexistent"], "no manifest.json"),
+        (["latency", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_flags_and_unreachable_server_give_clear_errors(flags, message):
+    run = subprocess.run(GLM5C + ["bench", *flags], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
