@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--launch", action="store_true", help="start `glm5c serve --port 0` for the run, then stop it")
     where.add_argument("--model", help="model directory (with --launch; also names the model for the roofline)")
     where.add_argument("--artifacts", help="with --launch: serve these compiled graphs")
-    where.add_argument("--serve-args", default="", help="with --launch: more `glm5c serve` flags, quoted")
+    where.add_argument("--serve-args", default="", help='with --launch: more `glm5c serve` flags, as --serve-args="--max-seqs 64"')
     where.add_argument("--curve-keys", help="directory from `glm5c keys` for a CURVE server")
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset-name", choices=["random", "jsonl"], default="random")

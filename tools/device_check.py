@@ -8,7 +8,7 @@ summary (status, seconds, last lines) to DIR/device_check.json; the table goes t
 Install what the GPU machine lacks first (msgspec, pyzmq, nvidia-cutlass wheels: see the device
 notes in README.md). Record the figures in bench/results/ with the date and the hardware.
 The limits add up to more than one 10-minute device call; the sections are expected to take about
-8 minutes together on an H200. With a short lease, run it as two calls split with --skip.
+10 minutes together on an H200. With a short lease, run it as two calls split with --skip.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ SECTIONS: list[tuple[str, list[str], int]] = [
     ("moe-kernels", [sys.executable, "bench/moe_kernels.py", "--cutlass"], 300),
     ("graphs", [sys.executable, "bench/bench_compile.py", "--device", "cuda", "--buckets", "1,8",
                 "--max-model-len", "4096", "--batch", "1", "8"], 420),  # fmt: skip
+    # the engine (eager) against transformers' generate on the GPU, and the server driven over its RPC
+    ("bench-latency", [sys.executable, "-m", "glm5c.cli", "bench", "latency", "--device", "cuda", "--batch-size", "16",
+                       "--output-len", "64", "--num-iters", "3", "--baseline", "transformers",
+                       "--output-json", "{out}/latency-b16.json"], 240),  # fmt: skip
+    ("bench-serve", [sys.executable, "-m", "glm5c.cli", "bench", "serve", "--launch", "--serve-args=--device cuda",
+                     "--num-prompts", "64", "--concurrency-sweep", "1,16", "--ignore-eos", "--save-result",
+                     "--result-dir", "{out}/serve"], 300),  # fmt: skip
 ]
 
 
@@ -50,6 +57,7 @@ def main() -> int:
     results = []
     with open(out / "device_check.log", "w") as log:
         for name, cmd, limit in SECTIONS:
+            cmd = [c.replace("{out}", str(out)) for c in cmd]
             script = next((c for c in cmd if c.endswith(".py")), None)
             if name in args.skip or (script and not (ROOT / script).exists()):
                 results.append({"section": name, "status": "skipped", "seconds": 0.0, "tail": ""})
