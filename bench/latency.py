@@ -126,8 +126,10 @@ def run(args: argparse.Namespace) -> dict:
     mode = "compiled" if llm.runner is not None else "eager"
     iters = _timed(_EngineRun(llm, prompts, args.output_len).iteration, args.num_iters_warmup, args.num_iters, mode)
     latencies = [it["latency_s"] for it in iters]
+    from .provenance import provenance
+
     result = {
-        **_summary(latencies),
+        **_summary(latencies), **provenance(),
         "model": model_dir, "mode": mode, "device": args.device, "dtype": str(llm.model.dtype).removeprefix("torch."),
         "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
         "num_iters": args.num_iters, "speculative_tokens": args.speculative_tokens,

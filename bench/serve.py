@@ -19,7 +19,6 @@ import json
 import math
 import random
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
@@ -236,11 +235,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def _header(args: argparse.Namespace, stats) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    return {"date": time.strftime("%Y%m%d-%H%M%S"), "backend": "glm5c", "label": args.label,
-            "model_id": args.model or "(server's)", "tokenizer_id": args.model or "(server's)", "git_commit": commit,
-            "dataset_name": args.dataset_name, "max_model_len": stats.max_model_len}  # fmt: skip
+    from .provenance import provenance
+
+    return {**provenance(), "backend": "glm5c", "label": args.label, "model_id": args.model or "(server's)",
+            "tokenizer_id": args.model or "(server's)", "dataset_name": args.dataset_name,
+            "max_model_len": stats.max_model_len}  # fmt: skip
 
 
 def _tpot_floor(model_dir: str, batch: int, result: dict) -> dict:

@@ -80,7 +80,7 @@ def _png_ok(path) -> tuple[int, int]:
     return width, height
 
 
-LATENCY_FIELDS = ("avg_latency", "latencies", "percentiles", "mode", "batch_size", "input_len", "output_len",
+LATENCY_FIELDS = ("avg_latency", "latencies", "percentiles", "date", "machine", "git_commit", "command", "mode", "batch_size", "input_len", "output_len",
                   "prefill_ms", "decode_step_ms", "output_tokens_per_s", "roofline")  # fmt: skip
 
 
@@ -98,6 +98,7 @@ def test_bench_latency_end_to_end_with_transformers_baseline(tiny_dir, tmp_path)
     assert result["roofline"]["bytes"] > 0 and 0 < result["roofline"]["floor_over_step"]
     assert result["baseline"]["name"] == "transformers" and result["baseline"]["speedup"] > 0
     assert "transformers generate" in run.stdout and "decode step" in run.stdout
+    assert result["command"].startswith("glm5c bench latency --model")
 
 
 def test_bench_latency_compiled_against_eager(tiny_dir, tiny_artifacts, tmp_path):
@@ -113,7 +114,7 @@ def test_bench_latency_compiled_against_eager(tiny_dir, tiny_artifacts, tmp_path
     assert result["eager"]["speedup"] > 0
 
 
-SERVE_FIELDS = ("date", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
+SERVE_FIELDS = ("date", "machine", "git_commit", "command", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
                 "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
                 "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",
                 "input_lens", "output_lens", "ttfts", "itls", "generated_texts", "errors", "mean_tokens_per_chunk",

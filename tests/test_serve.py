@@ -5,6 +5,7 @@ One server serves the behaviour tests; the fault, drain and CURVE tests start th
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -167,6 +168,70 @@ def test_async_client_streams_and_cancels_on_close(server):
                 await client.complete(prompt_token_ids=[1] * 4000, max_tokens=200)
 
     asyncio.run(main())
+
+
+SCRIPT = "Hm</think>Sure<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>"
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scripted_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint rewired into a bigram model that, after `<think>`, writes SCRIPT and then
+    <|user|> (an eos): every block's output projection is zero, so the last hidden state is the
+    token's own embedding; embeddings are one-hot and lm_head maps each script token to the next."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from glm5c.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("ckpt") / "scripted"
+    shutil.copytree(tiny_dir, out)
+    tokenizer = load_tokenizer(out)
+    ids = tokenizer.convert_tokens_to_ids(["<think>"]) + tokenizer.encode(SCRIPT, add_special_tokens=False)
+    ids += tokenizer.convert_tokens_to_ids(["<|user|>"])
+    assert len(set(ids[:-1])) == len(ids) - 1  # a bigram model needs each token once
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, t in tensors.items():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                tensors[name] = torch.zeros_like(t)
+            elif name == "model.norm.weight":
+                tensors[name] = torch.ones_like(t)
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                t = torch.zeros_like(t)
+                for slot, (token, successor) in enumerate(zip(ids, ids[1:])):
+                    if name == "lm_head.weight":
+                        t[successor, slot] = 10.0
+                    else:
+                        t[token, slot] = 1.0
+                tensors[name] = t
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return out
+
+
+def test_reasoning_and_tool_calls_through_the_processes(scripted_dir):
+    from glm5c import LLM, SamplingParams
+
+    llm = LLM(scripted_dir)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    prompt = render_chat(llm.tokenizer, messages, WEATHER, True)
+    expected = llm.generate(prompt, SamplingParams(max_tokens=40, temperature=0.0))[0]
+    assert expected.text == SCRIPT and expected.finish_reason == "stop"  # the script, in-process
+    with ServerProcess(["--model", str(scripted_dir), "--port", "0"], START_S) as server:
+        with Client(server.address, timeout_s=30) as client:
+            stream = client.generate(messages=messages, tools=WEATHER, max_tokens=40, temperature=0.0)
+            deltas = list(stream)
+            final = client.complete(messages=messages, tools=WEATHER, max_tokens=40, temperature=0.0)
+    assert "".join(d.reasoning for d in deltas) == "Hm" and "".join(d.text for d in deltas) == "Sure"
+    calls = [c for d in deltas for c in d.tool_calls]
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in calls] == [(0, "get_weather", {"city": "Paris"})]
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert stream.final.finish_reason == "stop" and stream.final.usage.completion_tokens == len(expected.token_ids)
+    assert (final.reasoning, final.text) == ("Hm", "Sure")
+    assert final.tool_calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
 
 
 # ---- many clients ------------------------------------------------------------------------------
