@@ -48,17 +48,19 @@ from .step import StaticInputs, StepModule, cache_args
 # What the graphs are built from. Every op must have static shapes; on a GPU also no host sync,
 # so CUDA graphs can capture it. Experts run as torch's grouped GEMM, which takes BF16 only; in
 # other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
-# opaque custom op instead, which only a CPU can hold. Fast kernels take their places here.
+# opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs run few tokens through
+# every expert densely (experts_cpu). Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
+_CPU_BF16 = (dataclasses.replace(REFERENCE, experts=moe.experts_cpu), {**_BASE_NAMES, "experts": "experts_cpu"})
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})
 
 
 def ops_for(device: str, dtype: str) -> tuple[Ops, dict[str, str]]:
     """The op set compiled into graphs for this device and dtype, and its names for the manifest."""
     if dtype == "bfloat16":
-        return _GROUPED
+        return _GROUPED if device.startswith("cuda") else _CPU_BF16
     if device.startswith("cuda"):
         raise ValueError(f"GPU graphs need bfloat16 weights (torch's grouped GEMM), not {dtype}")
     return _OPAQUE

@@ -1,5 +1,6 @@
-"""MoE reference ops: routing against transformers' router, and the shape-static grouped-GEMM
-expert path against the per-expert loop, under skewed loads and expert parallelism."""
+"""MoE reference ops: routing against transformers' router, and the shape-static expert paths
+(grouped GEMM, dense batched GEMMs, the CPU's choice between them) against the per-expert loop,
+under skewed loads and expert parallelism."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ def _experts(n: int, d: int = 32, i: int = 16, seed: int = 0):
             torch.randn(n, d, i, generator=g) * 0.1)  # fmt: skip
 
 
+SHAPE_STATIC = [moe.experts_grouped_mm, moe.experts_dense, moe.experts_cpu]
+
+
+@pytest.mark.parametrize("op", SHAPE_STATIC, ids=lambda op: op.__name__)
 @pytest.mark.parametrize(
-    "case", ["random", "all_to_one_expert", "empty_experts", "more_experts_than_tokens", "one_token"]
+    "case", ["random", "all_to_one_expert", "empty_experts", "more_experts_than_tokens", "one_token", "many_tokens"]
 )
-def test_grouped_mm_matches_loop(case):
+def test_shape_static_experts_match_loop(case, op):
     n_experts, top_k = 16, 4
-    tokens = {"more_experts_than_tokens": 3, "one_token": 1}.get(case, 40)
+    tokens = {"more_experts_than_tokens": 3, "one_token": 1, "many_tokens": 300}.get(case, 40)  # 300: cpu -> grouped
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, 32, generator=g)
     ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
@@ -33,7 +38,7 @@ def test_grouped_mm_matches_loop(case):
     weights = torch.rand(tokens, top_k, generator=g)
     w = _experts(n_experts)
     want = moe.experts_ref(x, ids, weights, *w, NO_SCALES, 0, linear_ref)
-    got = moe.experts_grouped_mm(x, ids, weights, *w, NO_SCALES, 0, linear_ref)
+    got = op(x, ids, weights, *w, NO_SCALES, 0, linear_ref)
     assert (got - want).abs().max() < 1e-5
 
 
@@ -43,17 +48,29 @@ def test_expert_parallel_shards_sum_to_the_whole():
     x, ids, weights = torch.randn(9, 32, generator=g), torch.randint(0, 16, (9, 4), generator=g), torch.rand(9, 4)
     w = _experts(16)
     full = moe.experts_ref(x, ids, weights, *w, NO_SCALES, 0, linear_ref)
-    for op in (moe.experts_ref, moe.experts_grouped_mm):
+    for op in (moe.experts_ref, *SHAPE_STATIC):
         shards = [op(x, ids, weights, *(t[r * 4 : r * 4 + 4] for t in w), NO_SCALES, r * 4, linear_ref)
                   for r in range(4)]  # fmt: skip
         assert (sum(shards) - full).abs().max() < 1e-5
 
 
-def test_grouped_path_refuses_fp8_weights():
+@pytest.mark.parametrize("op", SHAPE_STATIC, ids=lambda op: op.__name__)
+def test_shape_static_paths_refuse_fp8_weights(op):
     w = _experts(2)
     with pytest.raises(ValueError, match="keep_fp8=False"):
-        moe.experts_grouped_mm(torch.randn(1, 32), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
-                               *w, (torch.ones(2, 1, 1), None, None), 0, linear_ref)  # fmt: skip
+        op(torch.randn(1, 32), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), *w, (torch.ones(2, 1, 1), None, None),
+           0, linear_ref)  # fmt: skip
+
+
+def test_cpu_experts_choose_dense_for_few_tokens(monkeypatch):
+    calls = []
+    monkeypatch.setattr(moe, "experts_dense", lambda *a: calls.append("dense") or a[0])
+    monkeypatch.setattr(moe, "experts_grouped_mm", lambda *a: calls.append("grouped") or a[0])
+    w = _experts(16)
+    for tokens in (1, 64, 65):  # top_k 4: dense while 4 T <= 16 * 16
+        moe.experts_cpu(torch.randn(tokens, 32), torch.zeros(tokens, 4, dtype=torch.long), torch.ones(tokens, 4), *w,
+                        NO_SCALES, 0, linear_ref)  # fmt: skip
+    assert calls == ["dense", "dense", "grouped"]
 
 
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
