@@ -162,8 +162,9 @@ class Engine:
                      all_logits=c.needs_logits and bool(c.seq.draft))  # fmt: skip
             for c in chunks
         ]
-        max_blocks = self.runner.max_blocks if self.runner else None
-        batch = build_step_batch(seq_chunks, bs, self.cache.pad_slot, self.device, max_blocks=max_blocks)
+        # block tables as wide as the longest sequence needs: a compiled graph takes any width up to
+        # its max_model_len's and reads keys no further
+        batch = build_step_batch(seq_chunks, bs, self.cache.pad_slot, self.device)
         t = time.perf_counter()
         with torch.inference_mode():
             hidden = self.runner(batch, self.cache) if self.runner else self.model(batch, self.cache)

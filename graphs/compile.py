@@ -73,14 +73,24 @@ def compiled_ops(manifest: Manifest) -> Ops:
     return ops
 
 
+def min_table_blocks(config, block_size: int, max_blocks: int) -> int:
+    """The narrowest block table a graph takes: enough positions for index_topk keys, so the
+    indexer's top-k never has fewer candidates than it selects (a shape the graph fixes)."""
+    return min(max_blocks, -(-config.index_topk // block_size))
+
+
 def export_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype):
-    """torch.export of one bucket's step, with the cache's block count left dynamic."""
+    """torch.export of one bucket's step, with the cache's block count and the block tables' width
+    left dynamic: a step reads keys only as far as its longest sequence needs (no shorter than
+    min_table_blocks), not the whole max_model_len."""
     config = model.config
     cache = KVCache(config, 2, block_size, model.dtype, device, config.num_hidden_layers, index_dtype)
     inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device)
     caches = cache_args(cache, config.num_hidden_layers)
     blocks = torch.export.Dim("cache_blocks", min=2)
-    dynamic = (None,) * 6 + tuple([{0: blocks}] * len(c) for c in caches)
+    narrowest = min_table_blocks(config, block_size, max_blocks)
+    width = {1: torch.export.Dim("table_blocks", min=narrowest, max=max_blocks)} if narrowest < max_blocks else None
+    dynamic = (None,) * 4 + (width, None) + tuple([{0: blocks}] * len(c) for c in caches)
     return torch.export.export(StepModule(model), (*inputs.args(), *caches), dynamic_shapes=dynamic, strict=False)
 
 
@@ -153,6 +163,7 @@ def compile_artifacts(
             **environment(device),
             block_size=block_size,
             max_model_len=max_model_len,
+            min_table_blocks=min_table_blocks(config, block_size, max_blocks),
             index_cache_dtype=str(index_dtype).removeprefix("torch."),
             ops=op_names,
             constants_signature=constants_signature(StepModule(model)),

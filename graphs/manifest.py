@@ -12,7 +12,7 @@ import msgspec
 import torch
 
 MANIFEST_FILE = "manifest.json"
-FORMAT = 2  # 2: index_cache_dtype
+FORMAT = 3  # 2: index_cache_dtype; 3: block tables of any width in [min_table_blocks, max_blocks]
 _SAMPLE_BYTES = 1 << 20
 
 
@@ -43,6 +43,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     cuda_version: str | None
     block_size: int
     max_model_len: int
+    min_table_blocks: int  # the narrowest block table the graphs take (they cover index_topk keys)
     index_cache_dtype: str  # the indexer key cache's dtype the graphs read (e.g. "float8_e4m3fn")
     ops: dict[str, str]  # op -> implementation compiled into the graphs
     constants_signature: str  # hash of every weight's name, shape and dtype the graphs take

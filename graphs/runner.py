@@ -77,12 +77,15 @@ class GraphRunner:
         caches = cache_args(cache, self.model.config.num_hidden_layers)
         if self.device.type == "cuda":
             return self._replay(tokens, inputs, cache, caches)[: batch.num_tokens]
-        return self._run(tokens, inputs, caches)[: batch.num_tokens]
+        width = max(self.manifest.min_table_blocks, batch.block_tables.shape[1])
+        return self._run(tokens, inputs, caches, width)[: batch.num_tokens]
 
-    def _run(self, tokens: int, inputs: StaticInputs, caches: tuple[list[Tensor], ...]) -> Tensor:
+    def _run(self, tokens: int, inputs: StaticInputs, caches: tuple[list[Tensor], ...], width: int | None = None) -> Tensor:
         """Call the package with its inputs already flat, in StepModule's order (the package's own
-        __call__ re-parses its pytree spec on every call)."""
-        return self._packages[tokens].loader.boxed_run([*inputs.args(), *(t for c in caches for t in c)])[0]
+        __call__ re-parses its pytree spec on every call). `width`: block-table columns to pass (a
+        CPU reads only as far as the step's longest sequence; CUDA graphs were captured at full width)."""
+        args = [*inputs.args(width), *(t for c in caches for t in c)]
+        return self._packages[tokens].loader.boxed_run(args)[0]
 
     def _replay(self, tokens: int, inputs: StaticInputs, cache: KVCache, caches) -> Tensor:
         """CUDA graphs read fixed addresses: the first step on a cache captures every bucket

@@ -87,5 +87,7 @@ class StaticInputs:
         self.seq_lens.fill_(1)
         self.seq_lens[:rows].copy_(batch.seq_lens)
 
-    def args(self) -> tuple[Tensor, ...]:
-        return self.token_ids, self.positions, self.seq_ids, self.slot_mapping, self.block_tables, self.seq_lens
+    def args(self, width: int | None = None) -> tuple[Tensor, ...]:
+        """The graph's inputs; `width`: pass only the first `width` columns of the block tables."""
+        tables = self.block_tables if width is None else self.block_tables[:, :width].contiguous()
+        return self.token_ids, self.positions, self.seq_ids, self.slot_mapping, tables, self.seq_lens

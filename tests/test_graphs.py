@@ -217,3 +217,17 @@ def test_fp8_index_cache_graphs(tiny_dir, tmp_path):
     plain = KVCache(runner.model.config, 8, 4, torch.float32)
     with pytest.raises(ValueError, match="the artifacts read torch.float8_e4m3fn"):
         runner(build_step_batch(chunks, 4, plain.pad_slot, max_blocks=runner.max_blocks), plain)
+
+
+def test_a_step_reads_keys_only_as_far_as_its_longest_sequence(compiled):
+    """Block tables reach the graph as wide as the step's longest sequence needs (at least
+    min_table_blocks): the result equals a full-width table's."""
+    runner = compiled.runner
+    assert runner.manifest.min_table_blocks == 4  # tiny: index_topk 16 over blocks of 4
+    chunks = [SeqChunk([40, 41, 42, 43], 16, [0, 1, 2, 3, 4])]  # positions 16..19 in 5 blocks
+    out = []
+    for max_blocks in (None, runner.max_blocks):  # 5 columns, then all 32
+        cache = runner.new_cache(num_blocks=8)
+        with torch.inference_mode():
+            out.append(runner(build_step_batch(chunks, 4, cache.pad_slot, max_blocks=max_blocks), cache))
+    assert (out[0] - out[1]).abs().max() < 1e-5
