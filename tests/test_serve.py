@@ -581,3 +581,35 @@ def test_detokenizer_stop_string_finishes_and_aborts_in_the_worker(tiny_dir):
     finals = [m for m in messages if isinstance(m, p.Final)]
     assert len(finals) == 1 and finals[0].finish_reason == "stop" and isinstance(messages[-1], p.Final)
     assert [worker_decoder.decode(m) for m in worker.sent] == [Abort(3, "k")]
+
+
+# ---- start-up failures --------------------------------------------------------------------------
+def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "glm5c.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_bad_serve_flags_are_refused_before_anything_starts(tiny_dir, tmp_path):
+    for args, message in [
+        (["--model", str(tmp_path)], "is not a model directory"),
+        (["--model", str(tiny_dir), "--artifacts", str(tmp_path)], "no manifest.json"),
+        (["--model", str(tiny_dir), "--port", "70000"], "port 70000"),
+        (["--model", str(tiny_dir), "--max-restarts", "-1"], "max_restarts must be >= 0"),
+    ]:
+        run = _serve(*args)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_child_that_cannot_start_says_why_and_the_server_exits_1(tiny_dir):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        run = _serve("--model", str(tiny_dir), "--port", str(taken.getsockname()[1]))
+    finally:
+        taken.close()
+    assert run.returncode == 1, run.stderr
+    assert "the tokenizer cannot start: cannot listen on tcp://127.0.0.1:" in run.stderr
+    assert "exited with status 2 while starting" in run.stderr and "Traceback" not in run.stderr

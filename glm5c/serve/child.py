@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import zmq
 
@@ -27,3 +28,10 @@ def socket(context: zmq.Context, kind: int, address: str, bind: bool) -> zmq.Soc
         sock.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, 0)  # never drop or block on a burst
     (sock.bind if bind else sock.connect)(address)
     return sock
+
+
+def fail_to_start(who: str, error: Exception | str) -> None:
+    """A child that cannot start says why in one line (no traceback) and exits with status 2;
+    the supervisor then reports which child failed and exits."""
+    print(f"glm5c serve: the {who} cannot start: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -52,7 +52,10 @@ class _Request:
 
 def main(spec: DetokenizerSpec) -> None:
     supervisor = child.start_child()
-    tokenizer = load_tokenizer(spec.model_dir)
+    try:
+        tokenizer = load_tokenizer(spec.model_dir)
+    except ValueError as e:
+        child.fail_to_start("detokenizer", e)
     context = zmq.Context()
     inbox = child.socket(context, zmq.PULL, spec.endpoints.detokenizer, bind=True)
     replies = child.socket(context, zmq.PUSH, spec.endpoints.replies, bind=False)

@@ -62,6 +62,10 @@ class ServeConfig:
     start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if not Path(self.model_dir, "config.json").is_file():
+            raise ValueError(f"{self.model_dir} is not a model directory (no config.json)")
+        if self.artifacts is not None and not Path(self.artifacts, "manifest.json").is_file():
+            raise ValueError(f"--artifacts {self.artifacts}: no manifest.json there (run `glm5c compile` first)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is not in [0, 65535]")
         if self.drain_timeout_s < 0 or self.max_restarts < 0 or self.start_timeout_s <= 0:

@@ -48,7 +48,10 @@ class TokenizerSpec:
 
 def main(spec: TokenizerSpec) -> None:
     supervisor = child.start_child()
-    tokenizer = load_tokenizer(spec.model_dir)
+    try:
+        tokenizer = load_tokenizer(spec.model_dir)
+    except ValueError as e:
+        child.fail_to_start("tokenizer", e)
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -59,10 +62,13 @@ def main(spec: TokenizerSpec) -> None:
     if spec.curve_keys is not None:
         _serve_with_curve(context, router, Path(spec.curve_keys))
     address = f"tcp://{spec.host}:{spec.port}"
-    if spec.port == 0:
-        address = f"tcp://{spec.host}:{router.bind_to_random_port(f'tcp://{spec.host}')}"
-    else:
-        router.bind(address)
+    try:
+        if spec.port == 0:
+            address = f"tcp://{spec.host}:{router.bind_to_random_port(f'tcp://{spec.host}')}"
+        else:
+            router.bind(address)
+    except zmq.ZMQError as e:  # address in use, no such interface
+        child.fail_to_start("tokenizer", f"cannot listen on {address}: {e}")
     ends = spec.endpoints
     front = Front(
         tokenizer, router,

@@ -39,7 +39,10 @@ class WorkerSpec:
 
 def main(spec: WorkerSpec) -> None:
     supervisor = child.start_child()
-    engine = Engine(spec.model_dir, spec.dtype, spec.device, spec.engine, spec.artifacts)
+    try:
+        engine = Engine(spec.model_dir, spec.dtype, spec.device, spec.engine, spec.artifacts)
+    except (ValueError, OSError, RuntimeError) as e:  # bad checkpoint, artifacts, device or dtype
+        child.fail_to_start("worker", e)
     context = zmq.Context()
     inbox = child.socket(context, zmq.PULL, spec.endpoints.worker, bind=True)
     to_detok = child.socket(context, zmq.PUSH, spec.endpoints.detokenizer, bind=False)
