@@ -241,6 +241,21 @@ def test_sparse_mla(heads, v_dim, rope_dim, dtype, splits):
     assert (got.cpu().float() - want).abs().max() <= bound
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_mla_lowp_matches_the_reference(dtype):
+    """The CPU BF16 graphs' attention (matmuls in the model's dtype) against the fp32 reference."""
+    g = torch.Generator().manual_seed(7)
+    cache, tables = _paged(CONTEXTS, 4, 40, dtype, g)
+    seq_ids, positions = _ragged(CHUNKS)
+    q = torch.randn(len(seq_ids), 8, 40, generator=g).to(dtype)
+    indices = _indices(positions, 24, g)
+    want = dsa.sparse_mla_ref(q, cache, indices, tables, seq_ids, 40**-0.5, 32).float()
+    got = dsa.sparse_mla_lowp(q, cache, indices, tables, seq_ids, 40**-0.5, 32)
+    assert got.dtype == dtype and got.shape == want.shape
+    bound = (1e-5 if dtype == torch.float32 else 2.0**-6) * cache[..., :32].float().abs().max()
+    assert (got.float() - want).abs().max() <= bound
+
+
 # ---- the tiny model ---------------------------------------------------------------------------
 
 
