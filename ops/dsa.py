@@ -104,6 +104,17 @@ def indexer_topk_ref(
     return topk_indices_ref(scores, topk)
 
 
+def selected_entries(kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Each token's selected cache entries through its block table -> (entries [T, K, Dk] in the
+    cache's dtype, valid [T, K]); an empty slot (-1) reads position 0 and is marked invalid."""
+    block_size = kv_cache.shape[1]
+    valid = indices >= 0  # [T, K]
+    pos = indices.long().clamp(min=0)
+    blocks = block_tables.long()[seq_ids.long()[:, None], pos // block_size]  # [T, K]
+    slots = blocks * block_size + pos % block_size
+    return kv_cache.reshape(-1, kv_cache.shape[-1])[slots], valid
+
+
 def sparse_mla_ref(
     q: Tensor,  # [T, H, Dk] absorbed queries: latent part then RoPE part
     kv_cache: Tensor,  # [num_blocks, block_size, Dk] cached entries: latent (the values) then RoPE key
@@ -114,12 +125,8 @@ def sparse_mla_ref(
     v_dim: int,  # the latent width; values are the first v_dim columns of an entry
 ) -> Tensor:
     """Attention of each query head over its token's selected cache entries -> [T, H, v_dim] in q's dtype."""
-    block_size = kv_cache.shape[1]
-    valid = indices >= 0  # [T, K]
-    pos = indices.long().clamp(min=0)
-    blocks = block_tables.long()[seq_ids.long()[:, None], pos // block_size]  # [T, K]
-    slots = blocks * block_size + pos % block_size
-    entries = kv_cache.reshape(-1, kv_cache.shape[-1])[slots].float()  # [T, K, Dk]
+    entries, valid = selected_entries(kv_cache, indices, block_tables, seq_ids)
+    entries = entries.float()  # [T, K, Dk]
     scores = torch.einsum("thd,tkd->thk", q.float(), entries) * softmax_scale  # [T, H, K]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -141,12 +148,8 @@ def sparse_mla_lowp(
     gathered entries ([T, K, Dk], 9.4 MB a layer for 16 tokens and K = 256). A CPU's BF16 graphs
     take it: eager, 1.2-3.8x faster than the reference for 1-64 tokens (mini's shapes); compiled,
     the mini preset's batch-16 prefill went from 122 to 69 ms (bench/README.md)."""
-    block_size = kv_cache.shape[1]
-    valid = indices >= 0  # [T, K]
-    pos = indices.long().clamp(min=0)
-    blocks = block_tables.long()[seq_ids.long()[:, None], pos // block_size]  # [T, K]
-    slots = blocks * block_size + pos % block_size
-    entries = kv_cache.reshape(-1, kv_cache.shape[-1])[slots].to(q.dtype)  # [T, K, Dk]
+    entries, valid = selected_entries(kv_cache, indices, block_tables, seq_ids)
+    entries = entries.to(q.dtype)  # [T, K, Dk]
     scores = torch.bmm(q, entries.transpose(1, 2)).float() * softmax_scale  # [T, H, K]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
