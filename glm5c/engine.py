@@ -18,7 +18,7 @@ from .kv_cache import KVCache
 from .mtp import CatchUp, Drafter, verify
 from .ops import REFERENCE, Ops
 from .sampling import SamplingBatch, SamplingParams, sample
-from .scheduler import Chunk, Scheduler, Sequence
+from .scheduler import Chunk, PromptTooLongError, Scheduler, Sequence
 from .weights import build_model
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -121,7 +121,7 @@ class Engine:
         if bad:
             raise ValueError(f"request {request_id!r}: token ids outside [0, {vocab}): {bad[:5]}")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"request {request_id!r}: {len(prompt_token_ids)} prompt tokens + max_tokens {params.max_tokens} "
                 f"exceed the context of {self.max_model_len}"
             )

@@ -24,6 +24,10 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at its limit; the request was not accepted."""
 
 
+class PromptTooLongError(ValueError):
+    """A request's prompt + max_tokens exceed the context, or need more KV blocks than exist."""
+
+
 @dataclass
 class Sequence:
     id: str
@@ -89,7 +93,7 @@ class Scheduler:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests); retry later")
         needed = self.blocks.blocks_for(len(seq.tokens) + seq.params.max_tokens)
         if needed > self.blocks.num_blocks:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"request {seq.id!r} needs {needed} KV blocks for {len(seq.tokens)} prompt tokens + max_tokens "
                 f"{seq.params.max_tokens}, more than the whole cache ({self.blocks.num_blocks} blocks)"
             )

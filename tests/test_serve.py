@@ -613,3 +613,20 @@ def test_a_child_that_cannot_start_says_why_and_the_server_exits_1(tiny_dir):
     assert run.returncode == 1, run.stderr
     assert "the tokenizer cannot start: cannot listen on tcp://127.0.0.1:" in run.stderr
     assert "exited with status 2 while starting" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_worker_rejects_what_the_engine_cannot_hold_as_too_long(tiny_dir):
+    """The tokenizer checks the context; the worker still refuses a request needing more KV blocks
+    than the cache has (code too_long), and a bad sampling field (bad_request), naming the client's id."""
+    from glm5c.engine import Engine, EngineConfig
+    from glm5c.serve.messages import Rejected, RequestSpec, Submit, detokenizer_decoder
+    from glm5c.serve.worker_proc import Worker
+
+    sent = _Frames()
+    worker = Worker(Engine(tiny_dir, config=EngineConfig(block_size=4, num_blocks=3)), None, sent, epoch=0)
+    spec = RequestSpec(b"c", "mine", True, 0.0, 8)
+    worker.submit(Submit(0, "63/mine", [1] * 8, {"max_tokens": 16}, spec))
+    worker.submit(Submit(0, "63/mine2", [1] * 8, {"max_tokens": 0}, spec))
+    first, second = (detokenizer_decoder.decode(m) for m in sent.sent)
+    assert isinstance(first, Rejected) and first.code == "too_long" and "'mine'" in first.message
+    assert isinstance(second, Rejected) and second.code == "bad_request" and "max_tokens" in second.message

@@ -44,7 +44,6 @@ class _Request:
     last_token_s: float = 0.0
     first_scheduled_s: float = 0.0
     cached_tokens: int = 0
-    tool_calls: int = 0
     text: list[str] = field(default_factory=list)  # when not streaming: the whole answer
     reasoning: list[str] = field(default_factory=list)
     calls: list[dict] = field(default_factory=list)
@@ -128,9 +127,8 @@ class Detokenizer:
             delta.text, delta.reasoning = parsed.content, parsed.reasoning
             for call in parsed.tool_calls:
                 arguments = json.dumps(call.arguments, ensure_ascii=False)
-                delta.tool_calls.append(p.ToolCallDelta(request.tool_calls, call.name, arguments))
+                delta.tool_calls.append(p.ToolCallDelta(len(request.calls), call.name, arguments))
                 request.calls.append({"name": call.name, "arguments": call.arguments})
-                request.tool_calls += 1
         else:
             delta.text = text
         if spec.logprobs and item.logprobs is not None:

@@ -16,7 +16,7 @@ import zmq
 
 from ..engine import Engine, EngineConfig
 from ..sampling import SamplingParams
-from ..scheduler import QueueFullError
+from ..scheduler import PromptTooLongError, QueueFullError
 from . import child
 from .messages import (
     Abort, Accepted, Endpoints, Event, Limits, Outputs, Probe, ProbeReply, Rejected, Submit, TokenOutput,
@@ -94,7 +94,7 @@ class Worker:
         except QueueFullError as e:
             self.send(Rejected(message.spec, "queue_full", str(e)))
         except (ValueError, TypeError) as e:
-            code = "too_long" if "exceed" in str(e) or "KV blocks" in str(e) else "bad_request"
+            code = "too_long" if isinstance(e, PromptTooLongError) else "bad_request"
             self.send(Rejected(message.spec, code, str(e).replace(repr(message.key), repr(message.spec.request_id))))
         else:
             self.send(Accepted(message.key, message.spec))
