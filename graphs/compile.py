@@ -28,7 +28,7 @@ import glm5c
 from glm5c.batch import SeqChunk, build_step_batch
 from glm5c.config import ModelConfig
 from glm5c.kv_cache import KVCache
-from glm5c.ops import REFERENCE, Ops, dsa, moe
+from glm5c.ops import REFERENCE, Ops, dsa, linear_cpu, moe
 from glm5c.weights import build_model
 
 from .buckets import Buckets
@@ -49,13 +49,14 @@ from .step import StaticInputs, StepModule, cache_args
 # so CUDA graphs can capture it. Experts run as torch's grouped GEMM, which takes BF16 only; in
 # other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs run few tokens through
-# every expert densely (experts_cpu) and attention's matmuls in BF16 (sparse_mla_lowp). Fast
-# kernels take their places here.
+# every expert densely or, while tokens x top_k < experts, only the chosen ones (experts_cpu), one-
+# and two-row linears as fused matrix-vector loops (linear_cpu), and attention's matmuls in BF16
+# (sparse_mla_lowp). Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
-_CPU_BF16 = (dataclasses.replace(REFERENCE, experts=moe.experts_cpu, sparse_mla=dsa.sparse_mla_lowp),
-             {**_BASE_NAMES, "experts": "experts_cpu", "sparse_mla": "sparse_mla_lowp"})  # fmt: skip
+_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe.experts_cpu, sparse_mla=dsa.sparse_mla_lowp),
+             {**_BASE_NAMES, "linear": "linear_cpu", "experts": "experts_cpu", "sparse_mla": "sparse_mla_lowp"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})
 
 

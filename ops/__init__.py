@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dsa, fp8, moe
+from .gemv import gemv
 
 
 def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
@@ -21,6 +22,18 @@ def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
     if scale_inv is None:
         return F.linear(x, weight)
     return fp8.fp8_linear(x, weight, scale_inv)
+
+
+GEMV_MAX_ROWS = 2  # linear_cpu: gemv for at most this many rows (bench/results/2026-11-30-cpu-gemv.md)
+
+
+def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
+    """A CPU's compiled linear: `gemv` for one or two rows (the batch-1 and -2 decode buckets),
+    where it reads the weight once at memory speed and a GEMM call is mostly overhead; otherwise
+    linear_ref. The choice is by static shape, so each bucket's graph holds one of the two."""
+    if scale_inv is None and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+        return gemv(x, weight)
+    return linear_ref(x, weight, scale_inv)
 
 
 @dataclass(frozen=True)

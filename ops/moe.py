@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .gemv import gemv
+
 
 def route_ref(
     x: Tensor,  # [T, D]
@@ -145,6 +147,37 @@ def experts_dense(
     return (y.float() * routing.T[:, :, None]).sum(0).to(x.dtype)
 
 
+def experts_gathered(
+    x: Tensor,  # [T, D]
+    expert_ids: Tensor,  # [T, top_k] global expert ids
+    expert_weights: Tensor,  # [T, top_k] fp32
+    gate_proj: Tensor,  # [E_local, I, D]
+    up_proj: Tensor,  # [E_local, I, D]
+    down_proj: Tensor,  # [E_local, D, I]
+    scales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    first_expert: int,
+    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
+) -> Tensor:
+    """experts_ref's result reading only the chosen experts' weights: each (token, slot) pair runs
+    its own expert's three matrix-vector products (`gemv`, the expert picked by an indexed load
+    inside the loop). Reads T * top_k experts where experts_dense reads all E_local: less memory
+    traffic while T * top_k < E_local (decode at batch 1-3 on mini: 4-12 of 16 experts); compiled
+    graphs only (see gemv). Pairs for other ranks' experts read local expert 0 and weigh 0."""
+    if any(s is not None for s in scales):
+        raise ValueError("experts_gathered takes unquantized expert weights (load with keep_fp8=False)")
+    tokens, top_k = expert_ids.shape
+    n_experts = gate_proj.shape[0]
+    local = expert_ids - first_expert
+    mine = (local >= 0) & (local < n_experts)
+    pair_expert = torch.where(mine, local, 0).flatten()  # [P = T * top_k]
+    pair_weight = torch.where(mine, expert_weights.float(), 0.0).reshape(tokens * top_k, 1)
+    xp = x.unsqueeze(1).expand(tokens, top_k, x.shape[1]).reshape(tokens * top_k, x.shape[1])  # [P, D]
+    gate = gemv(xp, gate_proj[pair_expert])  # [P, I]
+    up = gemv(xp, up_proj[pair_expert])
+    y = gemv(F.silu(gate) * up, down_proj[pair_expert])  # [P, D]
+    return (y.float() * pair_weight).view(tokens, top_k, -1).sum(1).to(x.dtype)
+
+
 DENSE_MAX_ROWS_PER_EXPERT = 16  # experts_cpu: dense while T * top_k <= this * E_local
 
 
@@ -153,11 +186,16 @@ def experts_cpu(
     scales: tuple[Tensor | None, Tensor | None, Tensor | None], first_expert: int,
     linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
 ) -> Tensor:  # fmt: skip
-    """The CPU's compiled experts: dense batched GEMMs for few tokens, torch's grouped GEMM for
-    many. Shapes are static in a bucket's graph, so each bucket gets one of the two, chosen at
-    trace time. (bench/cpu_experts.py, mini preset, 2 cores: dense 0.95-1.4x at 1-2 tokens,
-    1.7-2.1x at 4-16, 1.04x at 64; grouped 1.4x faster at 128 and 3.3x at 256.)"""
+    """The CPU's compiled experts: only the chosen experts while the pairs are fewer than the
+    experts (experts_gathered reads less than all of them), then dense batched GEMMs, then torch's
+    grouped GEMM for many tokens. Shapes are static in a bucket's graph, so each bucket gets one,
+    chosen at trace time. (bench/cpu_experts.py, mini preset, 2 cores, eager: dense 0.95-1.4x at
+    1-2 tokens, 1.7-2.1x at 4-16, 1.04x at 64; grouped 1.4x faster at 128 and 3.3x at 256.
+    Compiled, gathered beat dense at 1-2 tokens in the whole batch-1 graph; at 16 tokens it lost
+    there (9.2 / 8.8 ms vs 8.1 / 8.7 ms a step), though it won alone with the weights in L3.)"""
     args = (x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear)
+    if x.shape[0] * expert_ids.shape[1] < gate_proj.shape[0]:
+        return experts_gathered(*args)
     if x.shape[0] * expert_ids.shape[1] <= DENSE_MAX_ROWS_PER_EXPERT * gate_proj.shape[0]:
         return experts_dense(*args)
     return experts_grouped_mm(*args)

@@ -1,5 +1,5 @@
 """MoE reference ops: routing against transformers' router, and the shape-static expert paths
-(grouped GEMM, dense batched GEMMs, the CPU's choice between them) against the per-expert loop,
+(grouped GEMM, dense batched GEMMs, per-pair gathered experts, the CPU's choice among them) against the per-expert loop,
 under skewed loads and expert parallelism."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _experts(n: int, d: int = 32, i: int = 16, seed: int = 0):
             torch.randn(n, d, i, generator=g) * 0.1)  # fmt: skip
 
 
-SHAPE_STATIC = [moe.experts_grouped_mm, moe.experts_dense, moe.experts_cpu]
+SHAPE_STATIC = [moe.experts_grouped_mm, moe.experts_dense, moe.experts_gathered, moe.experts_cpu]
 
 
 @pytest.mark.parametrize("op", SHAPE_STATIC, ids=lambda op: op.__name__)
@@ -62,15 +62,27 @@ def test_shape_static_paths_refuse_fp8_weights(op):
            0, linear_ref)  # fmt: skip
 
 
-def test_cpu_experts_choose_dense_for_few_tokens(monkeypatch):
+def test_cpu_experts_choose_by_token_count(monkeypatch):
     calls = []
+    monkeypatch.setattr(moe, "experts_gathered", lambda *a: calls.append("gathered") or a[0])
     monkeypatch.setattr(moe, "experts_dense", lambda *a: calls.append("dense") or a[0])
     monkeypatch.setattr(moe, "experts_grouped_mm", lambda *a: calls.append("grouped") or a[0])
     w = _experts(16)
-    for tokens in (1, 64, 65):  # top_k 4: dense while 4 T <= 16 * 16
+    for tokens in (1, 3, 4, 64, 65):  # top_k 4: gathered while 4 T < 16, dense while 4 T <= 16 * 16
         moe.experts_cpu(torch.randn(tokens, 32), torch.zeros(tokens, 4, dtype=torch.long), torch.ones(tokens, 4), *w,
                         NO_SCALES, 0, linear_ref)  # fmt: skip
-    assert calls == ["dense", "dense", "grouped"]
+    assert calls == ["gathered", "gathered", "dense", "dense", "grouped"]
+
+
+def test_gathered_experts_compiled_bf16_match_the_loop():
+    """The form experts_gathered is for: compiled, BF16 (the expert picked inside the fused loop)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 32, generator=g).bfloat16()
+    ids, weights = torch.tensor([[3, 9, 3, 15], [0, 1, 2, 3]]), torch.rand(2, 4, generator=g)
+    w = tuple(t.bfloat16() for t in _experts(16))
+    want = moe.experts_ref(x, ids, weights, *w, NO_SCALES, 0, linear_ref).float()
+    got = torch.compile(moe.experts_gathered, fullgraph=True)(x, ids, weights, *w, NO_SCALES, 0, linear_ref).float()
+    assert (got - want).abs().max() <= 2**-7 * want.abs().max()
 
 
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
