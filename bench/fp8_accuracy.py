@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from glm5c.batch import SeqChunk, build_step_batch
 from glm5c.kv_cache import KVCache
-from glm5c.ops import REFERENCE, fp8
+from glm5c.ops import REFERENCE, fp8, linear_ref
 from glm5c.tools.quantize_fp8 import quantize_checkpoint
 from glm5c.weights import build_model
 
@@ -67,7 +67,7 @@ def main() -> None:
         quantize_checkpoint(args.model, q_dir)
 
         def weight_only(x, w, scale_inv=None):
-            return F.linear(x, w) if scale_inv is None else fp8.fp8_linear(x, w, scale_inv, quantize_activations=False)
+            return linear_ref(x, w) if scale_inv is None else fp8.fp8_linear(x, w, scale_inv, quantize_activations=False)
 
         rows["fp8 weights + activations"] = compare(logits_of(build_model(q_dir, dtype=torch.float32), seqs), ref)
         wo = build_model(q_dir, dtype=torch.float32, ops=dataclasses.replace(REFERENCE, linear=weight_only))

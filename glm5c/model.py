@@ -202,12 +202,12 @@ class MLAttention(nn.Module):
         # absorb kv_b_proj: q_nope . (W_uk c) = (W_uk^T q_nope) . c, and out = W_uv (sum p c)
         w_kv_b = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, L], [H, v, L]
-        q_latent_abs = torch.einsum("thn,hnl->thl", q_nope, w_uk)  # [T, H, kv_lora]
+        q_latent_abs = self.ops.linear(q_nope, w_uk.transpose(1, 2))  # [T, H, kv_lora]
         q_abs = torch.cat([q_latent_abs, q_rope], dim=-1)  # [T, H, kv_lora + rope]
         out_latent = self.ops.sparse_mla(
             q_abs, cache.latent[layer], topk, batch.block_tables, batch.seq_ids, self.softmax_scale, self.kv_lora_rank
         )  # [T, H, kv_lora]
-        out = torch.einsum("thl,hvl->thv", out_latent, w_uv)  # [T, H, v]
+        out = self.ops.linear(out_latent, w_uv)  # [T, H, v]
         return self.o_proj(out.reshape(num_tokens, h * self.v_dim)), topk
 
 

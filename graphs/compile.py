@@ -50,13 +50,14 @@ from .step import StaticInputs, StepModule, cache_args
 # other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs run few tokens through
 # every expert densely or, while tokens x top_k < experts, only the chosen ones (experts_cpu), one-
-# and two-row linears as fused matrix-vector loops (linear_cpu), and attention's matmuls in BF16
-# (sparse_mla_lowp). Fast kernels take their places here.
+# and two-row linears (per-head ones too) as fused matrix-vector loops (linear_cpu), and attention's
+# matmuls in BF16 (sparse_mla_lowp), for one or two tokens as fused loops too (sparse_mla_cpu). Fast
+# kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
-_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe.experts_cpu, sparse_mla=dsa.sparse_mla_lowp),
-             {**_BASE_NAMES, "linear": "linear_cpu", "experts": "experts_cpu", "sparse_mla": "sparse_mla_lowp"})  # fmt: skip
+_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe.experts_cpu, sparse_mla=dsa.sparse_mla_cpu),
+             {**_BASE_NAMES, "linear": "linear_cpu", "experts": "experts_cpu", "sparse_mla": "sparse_mla_cpu"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -18,7 +19,14 @@ from .gemv import gemv
 
 
 def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
-    """y = x @ weight.T; an FP8 weight (with its 128x128 block scales) runs as a block-scaled FP8 GEMM."""
+    """y = x @ weight.T; an FP8 weight (with its 128x128 block scales) runs as a block-scaled FP8 GEMM.
+    A per-head weight [H, out, in] applies head h's matrix to x[:, h] ([T, H, in] -> [T, H, out]):
+    MLA's absorbed key and value projections."""
+    if weight.dim() == 3:
+        if scale_inv is not None or x.dim() != 3 or x.shape[1] != weight.shape[0]:
+            raise ValueError(f"per-head linear: x {tuple(x.shape)} does not fit [T, H, in] for weight "
+                             f"{tuple(weight.shape)} (unquantized only)")  # fmt: skip
+        return torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
     if scale_inv is None:
         return F.linear(x, weight)
     return fp8.fp8_linear(x, weight, scale_inv)
@@ -31,7 +39,8 @@ def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
     """A CPU's compiled linear: `gemv` for one or two rows (the batch-1 and -2 decode buckets),
     where it reads the weight once at memory speed and a GEMM call is mostly overhead; otherwise
     linear_ref. The choice is by static shape, so each bucket's graph holds one of the two."""
-    if scale_inv is None and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+    heads = weight.shape[0] if weight.dim() == 3 else 1
+    if scale_inv is None and x.numel() <= GEMV_MAX_ROWS * heads * x.shape[-1]:
         return gemv(x, weight)
     return linear_ref(x, weight, scale_inv)
 

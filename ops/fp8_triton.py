@@ -31,7 +31,6 @@ does not overlap the way DeepGEMM / CUTLASS warp-specialized kernels do.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -196,9 +195,11 @@ def fp8_gemm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype: 
 
 def linear(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
     """Ops.linear: y = x @ weight.T. An FP8 weight (with its 128x128 block scales) runs as
-    quantize_act + fp8_gemm for any shape; a plain weight runs F.linear."""
+    quantize_act + fp8_gemm for any shape; a plain weight runs linear_ref."""
     if scale_inv is None:
-        return F.linear(x, weight)
+        from . import linear_ref
+
+        return linear_ref(x, weight)
     if weight.dtype != fp8.FP8_DTYPE or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: x {tuple(x.shape)} does not fit an fp8 weight [N, K]; got {tuple(weight.shape)} {weight.dtype}"

@@ -4,11 +4,13 @@ A BF16 GEMM library call on a CPU (oneDNN through aten::mm) costs ~15-20 us befo
 anything (bench/results/2026-11-30-cpu-gemv.md): more than reading a 512x512 weight takes. For one
 or two rows, `gemv` writes x @ W.T as a multiply and a sum over `in` in fp32, which Inductor emits
 as one vectorised reduction loop, fused with whatever produces x or picks W (an indexed load for
-the experts). Eager, the same expression materialises the fp32 product: a form for compiled graphs.
+the experts). Run eagerly that expression would materialise the whole fp32 product, so outside a
+compiler trace the same product runs as a GEMM.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -16,4 +18,6 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., in] @ weight[..., out, in].T -> [..., out], leading dims broadcasting (weight [out, in]
     for a linear layer; [P, out, in] gives each of P rows of x its own matrix); fp32 accumulation,
     the result in x's dtype."""
-    return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+    if torch.compiler.is_compiling():
+        return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+    return torch.matmul(weight, x.unsqueeze(-1)).squeeze(-1)

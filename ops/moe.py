@@ -161,8 +161,9 @@ def experts_gathered(
     """experts_ref's result reading only the chosen experts' weights: each (token, slot) pair runs
     its own expert's three matrix-vector products (`gemv`, the expert picked by an indexed load
     inside the loop). Reads T * top_k experts where experts_dense reads all E_local: less memory
-    traffic while T * top_k < E_local (decode at batch 1-3 on mini: 4-12 of 16 experts); compiled
-    graphs only (see gemv). Pairs for other ranks' experts read local expert 0 and weigh 0."""
+    traffic while T * top_k < E_local (decode at batch 1-3 on mini: 4-12 of 16 experts), when
+    compiled (eagerly the indexing copies the chosen experts' weights). Pairs for other ranks'
+    experts read local expert 0 and weigh 0."""
     if any(s is not None for s in scales):
         raise ValueError("experts_gathered takes unquantized expert weights (load with keep_fp8=False)")
     tokens, top_k = expert_ids.shape

@@ -256,6 +256,25 @@ def test_sparse_mla_lowp_matches_the_reference(dtype):
     assert (got.float() - want).abs().max() <= bound
 
 
+@pytest.mark.parametrize("rows", [[0], [3, 9], None], ids=["1-token", "2-tokens", "all"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sparse_mla_cpu_matches_the_reference(rows, compiled):
+    """The CPU BF16 graphs' choice: fused matrix-vector loops for 1-2 tokens (read from the paged
+    cache in place when compiled), sparse_mla_lowp beyond."""
+    g = torch.Generator().manual_seed(8)
+    cache, tables = _paged(CONTEXTS, 4, 40, torch.bfloat16, g)
+    seq_ids, positions = _ragged(CHUNKS)
+    q = torch.randn(len(seq_ids), 8, 40, generator=g).bfloat16()
+    indices = _indices(positions, 24, g)
+    if rows is not None:
+        q, indices, seq_ids = q[rows], indices[rows], seq_ids[rows]
+    want = dsa.sparse_mla_ref(q, cache, indices, tables, seq_ids, 40**-0.5, 32).float()
+    op = torch.compile(dsa.sparse_mla_cpu, fullgraph=True, dynamic=False) if compiled else dsa.sparse_mla_cpu
+    got = op(q, cache, indices, tables, seq_ids, 40**-0.5, 32)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() <= 2.0**-6 * cache[..., :32].float().abs().max()
+
+
 # ---- the tiny model ---------------------------------------------------------------------------
 
 

@@ -43,3 +43,16 @@ def test_linear_cpu_compiled_bf16():
     got = torch.compile(linear_cpu, fullgraph=True)(x, w).float()
     want = F.linear(x.float(), w.float())
     assert (got - want).abs().max() <= 2**-7 * want.abs().max()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+def test_per_head_linear(tokens):
+    """A weight [H, out, in] applies head h's matrix to x[:, h] (MLA's absorbed projections), in
+    linear_ref and in linear_cpu (gemv for 1-2 tokens, eager and compiled)."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(tokens, 3, 16, generator=g), torch.randn(3, 8, 16, generator=g)
+    want = torch.stack([x[:, h] @ w[h].T for h in range(3)], dim=1)  # [T, H, out]
+    for op in (ops.linear_ref, linear_cpu, torch.compile(linear_cpu, fullgraph=True, dynamic=False)):
+        assert torch.allclose(op(x, w), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="per-head linear"):
+        ops.linear_ref(torch.randn(tokens, 4, 16), w)
