@@ -2,7 +2,7 @@
 and JSON fields (avg_latency, latencies, percentiles), plus what they leave out: prefill time,
 decode step latency per bucket, tokens/s, each decode step against the machine's roofline, and
 the same batch through transformers' generate (`--baseline transformers`) or the uncompiled
-engine (`--eager`) in the same run, as ratios.
+engine (`--eager`) in the same run, iterations taken in turns, as ratios.
 
 An iteration: BATCH requests of INPUT_LEN random prompt tokens join the engine at once; greedy,
 OUTPUT_LEN tokens each (eos ignored). Prefill = until every request has its first token; the
@@ -17,6 +17,7 @@ import random
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 from .metrics import mean, percentile
 from .progress import Progress
@@ -90,14 +91,18 @@ def _bucket_of(llm, tokens: int) -> str:
     return str(llm.runner.buckets.pick(tokens)) if llm.runner is not None else f"{tokens} tokens"
 
 
-def _timed(run, warmup: int, iters: int, label: str) -> list[dict]:
-    for _ in range(warmup):
-        run()
-    out = []
-    with Progress(iters, label) as progress:
+def _interleaved(runs: dict[str, Callable[[], dict]], warmup: int, iters: int) -> dict[str, list[dict]]:
+    """Each run's iterations, taken in turns (A B C A B C ...) so that the machine's slow and fast
+    phases (10-30% on the 2-core dev machine) fall on every run alike and their ratios hold."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    out: dict[str, list[dict]] = {name: [] for name in runs}
+    with Progress(iters * len(runs), " + ".join(runs)) as progress:
         for _ in range(iters):
-            out.append(run())
-            progress.advance()
+            for name, run in runs.items():
+                out[name].append(run())
+                progress.advance()
     return out
 
 
@@ -124,7 +129,17 @@ def run(args: argparse.Namespace) -> dict:
     vocab = llm.config.vocab_size
     prompts = [[rng.randrange(min(100, vocab - 1), vocab) for _ in range(args.input_len)] for _ in range(args.batch_size)]
     mode = "compiled" if llm.runner is not None else "eager"
-    iters = _timed(_EngineRun(llm, prompts, args.output_len).iteration, args.num_iters_warmup, args.num_iters, mode)
+    runs: dict[str, Callable[[], dict]] = {mode: _EngineRun(llm, prompts, args.output_len).iteration}
+    if args.eager:
+        eager = LLM(model_dir, dtype=args.dtype, device=args.device, engine_config=config)
+        runs["eager"] = _EngineRun(eager, prompts, args.output_len).iteration
+    if args.baseline == "transformers":
+        runs["transformers"] = _transformers_run(model_dir, llm.model.dtype, args, prompts)
+    # the machine's read bandwidth drifts (43-75 GB/s on the 2-core dev machine within an hour):
+    # probe it on both sides of the timed runs and take the faster, the strictest floor
+    bandwidth_probes = [read_bandwidth_bytes_per_s(args.device)]
+    timed = _interleaved(runs, args.num_iters_warmup, args.num_iters)
+    iters = timed[mode]
     latencies = [it["latency_s"] for it in iters]
     from .provenance import provenance
 
@@ -145,26 +160,27 @@ def run(args: argparse.Namespace) -> dict:
                                     "p99": percentile(v, 99), "steps": len(v)} for b, v in buckets.items()}  # fmt: skip
     all_steps = [s for it in iters for s, _ in it["decode"]]
     if all_steps:
-        bandwidth = read_bandwidth_bytes_per_s(args.device)
+        bandwidth_probes.append(read_bandwidth_bytes_per_s(args.device))
+        bandwidth = max(bandwidth_probes)
         peak = matmul_peak_flops_per_s(args.device, llm.model.dtype)
         context = args.input_len + args.output_len // 2  # the average context over the decode
         result["roofline"] = {
             "read_bandwidth_GBps": bandwidth / 1e9, "matmul_peak_TFLOPs": peak / 1e12,
+            "read_bandwidth_probes_GBps": [round(b / 1e9, 1) for b in bandwidth_probes],
             **roofline(llm.model, args.batch_size, context, statistics.median(all_steps), bandwidth, peak),
         }  # fmt: skip
     if args.eager:
-        eager = LLM(model_dir, dtype=args.dtype, device=args.device, engine_config=config)
-        eager_lat = [it["latency_s"] for it in _timed(_EngineRun(eager, prompts, args.output_len).iteration,
-                                                      args.num_iters_warmup, args.num_iters, "eager")]  # fmt: skip
+        eager_lat = [it["latency_s"] for it in timed["eager"]]
         result["eager"] = {**_summary(eager_lat), "speedup": mean(eager_lat) / mean(latencies)}
-        del eager
     if args.baseline == "transformers":
-        base = _transformers_latencies(model_dir, llm.model.dtype, args, prompts)
+        base = [it["latency_s"] for it in timed["transformers"]]
         result["baseline"] = {"name": "transformers", **_summary(base), "speedup": mean(base) / mean(latencies)}
+    if len(runs) > 1:
+        result["interleaved"] = True  # iterations of every run taken in turns
     return result
 
 
-def _transformers_latencies(model_dir: str, dtype, args: argparse.Namespace, prompts: list[list[int]]) -> list[float]:
+def _transformers_run(model_dir: str, dtype, args: argparse.Namespace, prompts: list[list[int]]) -> Callable[[], dict]:
     import torch
     from transformers import GlmMoeDsaForCausalLM
     from transformers.utils import logging
@@ -174,7 +190,7 @@ def _transformers_latencies(model_dir: str, dtype, args: argparse.Namespace, pro
     model = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval().to(args.device)
     ids = torch.tensor(prompts, device=args.device)
 
-    def one() -> float:
+    def one() -> dict:
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
@@ -182,9 +198,14 @@ def _transformers_latencies(model_dir: str, dtype, args: argparse.Namespace, pro
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         assert out.shape[1] == args.input_len + args.output_len
-        return time.perf_counter() - start
+        return {"latency_s": time.perf_counter() - start}
 
-    return _timed(one, args.num_iters_warmup, args.num_iters, "transformers")
+    return one
+
+
+def _probes(roofline: dict) -> str:
+    probes = roofline.get("read_bandwidth_probes_GBps", [])
+    return f" (best of probes {' / '.join(f'{p:.1f}' for p in probes)})" if len(probes) > 1 else ""
 
 
 def report(result: dict) -> str:
@@ -204,7 +225,7 @@ def report(result: dict) -> str:
         r = result["roofline"]
         lines.append(f"  roofline: a decode step moves {r['bytes'] / 1e6:.2f} MB and does {r['flops'] / 1e9:.3f} GFLOP; "
                      f"floor {max(r['memory_floor_ms'], r['compute_floor_ms']):.3f} ms ({r['bound']}-bound at "
-                     f"{r['read_bandwidth_GBps']:.1f} GB/s, {r['matmul_peak_TFLOPs']:.2f} TFLOP/s) = "
+                     f"{r['read_bandwidth_GBps']:.1f} GB/s{_probes(r)}, {r['matmul_peak_TFLOPs']:.2f} TFLOP/s) = "
                      f"{r['floor_over_step']:.1%} of the median step")  # fmt: skip
     if "eager" in result:
         lines.append(f"  eager engine: avg {result['eager']['avg_latency'] * 1e3:.1f} ms -> compiled is "

@@ -48,11 +48,11 @@ from .step import StaticInputs, StepModule, cache_args
 # What the graphs are built from. Every op must have static shapes; on a GPU also no host sync,
 # so CUDA graphs can capture it. Experts run as torch's grouped GEMM, which takes BF16 only; in
 # other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
-# opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs run few tokens through
-# every expert densely or, while tokens x top_k < experts, only the chosen ones (experts_cpu), one-
-# and two-row linears (per-head ones too) as fused matrix-vector loops (linear_cpu), and attention's
-# matmuls in BF16 (sparse_mla_lowp), for one or two tokens as fused loops too (sparse_mla_cpu). Fast
-# kernels take their places here.
+# opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs pick per bucket: the
+# experts (experts_cpu: only the chosen ones for few tokens, then every expert densely, then the
+# grouped GEMM), linears (linear_cpu: fused matrix-vector loops for up to 4 rows, per-head ones
+# too) and attention (sparse_mla_cpu: fused loops for 1-4 tokens, else BF16 matmuls). Fast kernels
+# take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
@@ -116,9 +116,12 @@ def compile_artifacts(
     max_model_len: int | None = None,
     fp8_index_cache: bool = False,
     progress: Callable[[str], None] = print,
+    op_set: tuple[Ops, dict[str, str]] | None = None,
 ) -> Manifest:
     """Compile every bucket into out_dir (replacing an older artifact directory there) and write
-    the manifest last, atomically: an interrupted compile leaves no directory that looks valid."""
+    the manifest last, atomically: an interrupted compile leaves no directory that looks valid.
+    `op_set` (ops, their names) replaces ops_for's choice, for experiments that time other ops
+    (bench/cpu_graph_ops.py); an engine refuses such artifacts (its ops differ from ops_for's)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out_dir} exists, is not empty and is not a glm5c artifact directory")
@@ -126,7 +129,7 @@ def compile_artifacts(
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     torch_device = torch.device(device)
     dtype = dtype or ModelConfig.from_model_dir(model_dir).dtype
-    ops, op_names = ops_for(device, dtype)
+    ops, op_names = op_set or ops_for(device, dtype)
     model = build_model(model_dir, dtype=getattr(torch, dtype), device=torch_device, ops=ops,
                         keep_fp8=dtype != "bfloat16")  # grouped GEMM experts take dequantized weights  # fmt: skip
     config = model.config

@@ -32,12 +32,12 @@ def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
     return fp8.fp8_linear(x, weight, scale_inv)
 
 
-GEMV_MAX_ROWS = 2  # linear_cpu: gemv for at most this many rows (bench/results/2026-11-30-cpu-gemv.md)
+GEMV_MAX_ROWS = 4  # linear_cpu: gemv for at most this many rows (bench/results/2026-11-30-cpu-gemv.md)
 
 
 def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
-    """A CPU's compiled linear: `gemv` for one or two rows (the batch-1 and -2 decode buckets),
-    where it reads the weight once at memory speed and a GEMM call is mostly overhead; otherwise
+    """A CPU's compiled linear: `gemv` for up to GEMV_MAX_ROWS rows (decode buckets 1-4), where a
+    GEMM call is mostly overhead and the loop streams the weight at memory speed; otherwise
     linear_ref. The choice is by static shape, so each bucket's graph holds one of the two."""
     heads = weight.shape[0] if weight.dim() == 3 else 1
     if scale_inv is None and x.numel() <= GEMV_MAX_ROWS * heads * x.shape[-1]:

@@ -11,6 +11,7 @@ compiler trace the same product runs as a GEMM.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -20,4 +21,6 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     the result in x's dtype."""
     if torch.compiler.is_compiling():
         return (x.unsqueeze(-2).float() * weight.float()).sum(-1).to(x.dtype)
+    if weight.dim() == 2:
+        return F.linear(x, weight)
     return torch.matmul(weight, x.unsqueeze(-1)).squeeze(-1)

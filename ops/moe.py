@@ -160,9 +160,9 @@ def experts_gathered(
 ) -> Tensor:
     """experts_ref's result reading only the chosen experts' weights: each (token, slot) pair runs
     its own expert's three matrix-vector products (`gemv`, the expert picked by an indexed load
-    inside the loop). Reads T * top_k experts where experts_dense reads all E_local: less memory
-    traffic while T * top_k < E_local (decode at batch 1-3 on mini: 4-12 of 16 experts), when
-    compiled (eagerly the indexing copies the chosen experts' weights). Pairs for other ranks'
+    inside the loop). Reads T * top_k experts (repeats from cache) where experts_dense reads all
+    E_local and does E_local / top_k times the flops; faster compiled for up to ~2 pairs per
+    expert (see experts_cpu). Eagerly the indexing copies the chosen experts' weights. Pairs for other ranks'
     experts read local expert 0 and weigh 0."""
     if any(s is not None for s in scales):
         raise ValueError("experts_gathered takes unquantized expert weights (load with keep_fp8=False)")
@@ -179,7 +179,8 @@ def experts_gathered(
     return (y.float() * pair_weight).view(tokens, top_k, -1).sum(1).to(x.dtype)
 
 
-DENSE_MAX_ROWS_PER_EXPERT = 16  # experts_cpu: dense while T * top_k <= this * E_local
+GATHERED_MAX_PAIRS_PER_EXPERT = 2  # experts_cpu: gathered while T * top_k <= this * E_local
+DENSE_MAX_ROWS_PER_EXPERT = 16  # then dense while T * top_k <= this * E_local
 
 
 def experts_cpu(
@@ -187,15 +188,16 @@ def experts_cpu(
     scales: tuple[Tensor | None, Tensor | None, Tensor | None], first_expert: int,
     linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
 ) -> Tensor:  # fmt: skip
-    """The CPU's compiled experts: only the chosen experts while the pairs are fewer than the
-    experts (experts_gathered reads less than all of them), then dense batched GEMMs, then torch's
-    grouped GEMM for many tokens. Shapes are static in a bucket's graph, so each bucket gets one,
-    chosen at trace time. (bench/cpu_experts.py, mini preset, 2 cores, eager: dense 0.95-1.4x at
-    1-2 tokens, 1.7-2.1x at 4-16, 1.04x at 64; grouped 1.4x faster at 128 and 3.3x at 256.
-    Compiled, gathered beat dense at 1-2 tokens in the whole batch-1 graph; at 16 tokens it lost
-    there (9.2 / 8.8 ms vs 8.1 / 8.7 ms a step), though it won alone with the weights in L3.)"""
+    """The CPU's compiled experts: only the chosen experts for few pairs (experts_gathered), then
+    dense batched GEMMs, then torch's grouped GEMM for many tokens. Shapes are static in a bucket's
+    graph, so each bucket gets one, chosen at trace time. Measured on mini, 2 cores: eager
+    (bench/cpu_experts.py) dense beats grouped 0.95-2.1x up to 64 tokens, grouped wins 1.4x at 128
+    and 3.3x at 256; compiled, whole decode graphs with gathered vs dense experts took 1.1 vs
+    3.5 ms at batch 1, 4.3 vs 5.5 ms at 4 and 5.5 vs 6.3 ms at 8 (up to 2 pairs per expert), but
+    9.2 / 8.8 vs 8.1 / 8.7 ms at 16, where re-reading experts per pair costs more than dense's
+    wasted flops (bench/results/2026-11-30-cpu-gemv.md)."""
     args = (x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear)
-    if x.shape[0] * expert_ids.shape[1] < gate_proj.shape[0]:
+    if x.shape[0] * expert_ids.shape[1] <= GATHERED_MAX_PAIRS_PER_EXPERT * gate_proj.shape[0]:
         return experts_gathered(*args)
     if x.shape[0] * expert_ids.shape[1] <= DENSE_MAX_ROWS_PER_EXPERT * gate_proj.shape[0]:
         return experts_dense(*args)

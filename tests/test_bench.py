@@ -97,6 +97,8 @@ def test_bench_latency_end_to_end_with_transformers_baseline(tiny_dir, tmp_path)
     assert result["mode"] == "eager" and sum(s["steps"] for s in result["decode_step_ms"].values()) == 2 * 4
     assert result["roofline"]["bytes"] > 0 and 0 < result["roofline"]["floor_over_step"]
     assert result["baseline"]["name"] == "transformers" and result["baseline"]["speedup"] > 0
+    assert len(result["baseline"]["latencies"]) == 2 and result["interleaved"]
+    assert len(result["roofline"]["read_bandwidth_probes_GBps"]) == 2
     assert "transformers generate" in run.stdout and "decode step" in run.stdout
     assert result["command"].startswith("glm5c bench latency --model")
 

@@ -258,9 +258,10 @@ def test_sparse_mla_lowp_matches_the_reference(dtype):
 
 @pytest.mark.parametrize("rows", [[0], [3, 9], None], ids=["1-token", "2-tokens", "all"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_sparse_mla_cpu_matches_the_reference(rows, compiled):
-    """The CPU BF16 graphs' choice: fused matrix-vector loops for 1-2 tokens (read from the paged
-    cache in place when compiled), sparse_mla_lowp beyond."""
+@pytest.mark.parametrize("name", ["sparse_mla_cpu", "sparse_mla_gemv"])
+def test_sparse_mla_cpu_matches_the_reference(rows, compiled, name):
+    """The CPU BF16 graphs' attention: fused matrix-vector loops (reading the paged cache in place
+    when compiled), which sparse_mla_cpu picks for 1-4 tokens, and sparse_mla_lowp beyond."""
     g = torch.Generator().manual_seed(8)
     cache, tables = _paged(CONTEXTS, 4, 40, torch.bfloat16, g)
     seq_ids, positions = _ragged(CHUNKS)
@@ -269,7 +270,8 @@ def test_sparse_mla_cpu_matches_the_reference(rows, compiled):
     if rows is not None:
         q, indices, seq_ids = q[rows], indices[rows], seq_ids[rows]
     want = dsa.sparse_mla_ref(q, cache, indices, tables, seq_ids, 40**-0.5, 32).float()
-    op = torch.compile(dsa.sparse_mla_cpu, fullgraph=True, dynamic=False) if compiled else dsa.sparse_mla_cpu
+    op = getattr(dsa, name)
+    op = torch.compile(op, fullgraph=True, dynamic=False) if compiled else op
     got = op(q, cache, indices, tables, seq_ids, 40**-0.5, 32)
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     assert (got.float() - want).abs().max() <= 2.0**-6 * cache[..., :32].float().abs().max()
