@@ -197,9 +197,10 @@ def experts_cpu(
     9.2 / 8.8 vs 8.1 / 8.7 ms at 16, where re-reading experts per pair costs more than dense's
     wasted flops (bench/results/2026-11-30-cpu-gemv.md)."""
     args = (x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear)
-    if x.shape[0] * expert_ids.shape[1] <= GATHERED_MAX_PAIRS_PER_EXPERT * gate_proj.shape[0]:
-        return experts_gathered(*args)
-    if x.shape[0] * expert_ids.shape[1] <= DENSE_MAX_ROWS_PER_EXPERT * gate_proj.shape[0]:
+    pairs = x.shape[0] * expert_ids.shape[1]
+    if pairs <= GATHERED_MAX_PAIRS_PER_EXPERT * gate_proj.shape[0] and torch.compiler.is_compiling():
+        return experts_gathered(*args)  # eagerly (the MTP layer) it would copy each pair's weights
+    if pairs <= DENSE_MAX_ROWS_PER_EXPERT * gate_proj.shape[0]:
         return experts_dense(*args)
     return experts_grouped_mm(*args)
 

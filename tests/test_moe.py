@@ -68,10 +68,18 @@ def test_cpu_experts_choose_by_token_count(monkeypatch):
     monkeypatch.setattr(moe, "experts_dense", lambda *a: calls.append("dense") or a[0])
     monkeypatch.setattr(moe, "experts_grouped_mm", lambda *a: calls.append("grouped") or a[0])
     w = _experts(16)
-    for tokens in (1, 8, 9, 64, 65):  # top_k 4: gathered while 4 T <= 2 * 16, dense while 4 T <= 16 * 16
-        moe.experts_cpu(torch.randn(tokens, 32), torch.zeros(tokens, 4, dtype=torch.long), torch.ones(tokens, 4), *w,
-                        NO_SCALES, 0, linear_ref)  # fmt: skip
-    assert calls == ["gathered", "gathered", "dense", "dense", "grouped"]
+
+    def choices(compiling: bool) -> list[str]:
+        calls.clear()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        for tokens in (1, 8, 9, 64, 65):  # top_k 4: gathered while 4 T <= 2 * 16, dense while 4 T <= 16 * 16
+            moe.experts_cpu(torch.randn(tokens, 32), torch.zeros(tokens, 4, dtype=torch.long), torch.ones(tokens, 4),
+                            *w, NO_SCALES, 0, linear_ref)  # fmt: skip
+        return list(calls)
+
+    assert choices(compiling=True) == ["gathered", "gathered", "dense", "dense", "grouped"]
+    # eagerly (the MTP layer of a compiled engine) gathering would copy every pair's weights
+    assert choices(compiling=False) == ["dense", "dense", "dense", "dense", "grouped"]
 
 
 def test_gathered_experts_compiled_bf16_match_the_loop():
