@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from glm5c.bench.allocator import warm_allocator
+
+    warm_allocator()  # the same allocator state for every run compared (bench/allocator.py)
     from transformers import GlmMoeDsaForCausalLM
     from transformers.utils import logging
 

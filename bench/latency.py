@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> dict:
 
     from .roofline import matmul_peak_flops_per_s, read_bandwidth_bytes_per_s, roofline
 
+    from .allocator import warm_allocator
+
+    warm_allocator()  # the same allocator state for every run compared (bench/allocator.py)
     model_dir = args.model or str(default_model_dir())
     config = EngineConfig(max_seqs=max(256, args.batch_size), num_speculative_tokens=args.speculative_tokens)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, artifacts=args.artifacts, engine_config=config)

@@ -79,7 +79,7 @@ class Engine:
             from .graphs.manifest import Manifest
 
             manifest = Manifest.read(artifacts)
-            ops = compiled_ops(manifest)
+            ops = compiled_ops(manifest, artifacts)
             keep_fp8 = keep_fp8 and manifest.dtype != "bfloat16"  # grouped GEMM experts take dequantized weights
         self.model = build_model(model_dir, dtype=dtype, device=self.device, ops=ops, keep_fp8=keep_fp8)
         self.model_config: ModelConfig = self.model.config

@@ -37,6 +37,7 @@ from .manifest import (
     MANIFEST_FILE,
     BucketArtifact,
     Manifest,
+    StaleArtifactsError,
     config_hash,
     constants_signature,
     environment,
@@ -70,10 +71,17 @@ def ops_for(device: str, dtype: str) -> tuple[Ops, dict[str, str]]:
     return _OPAQUE
 
 
-def compiled_ops(manifest: Manifest) -> Ops:
+def compiled_ops(manifest: Manifest, artifacts_dir: str | Path) -> Ops:
+    """The ops the model runs beside artifacts built with `manifest`'s; refuses artifacts whose
+    graphs hold other ops (an older glm5c's choices) with the command that rebuilds them."""
     ops, names = ops_for(manifest.device, manifest.dtype)
     if manifest.ops != names:
-        raise ValueError(f"artifacts were built with ops {manifest.ops}, this glm5c compiles {names}")
+        differ = "; ".join(f"{op}: built with {manifest.ops.get(op)!r}, now {names.get(op)!r}"
+                           for op in sorted(set(names) | set(manifest.ops)) if manifest.ops.get(op) != names.get(op))  # fmt: skip
+        raise StaleArtifactsError(
+            f"artifacts in {artifacts_dir} were compiled with other ops ({differ}). Rebuild them: "
+            + manifest.rebuild_command(artifacts_dir, manifest.model_dir, manifest.device, manifest.dtype)
+        )
     return ops
 
 

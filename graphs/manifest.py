@@ -93,13 +93,16 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
             elif file_sha256(path) != bucket.sha256:
                 problems.append(f"{bucket.file} is corrupted (checksum differs)")
         if problems:
-            buckets = ",".join(str(b.tokens) for b in self.buckets)
             raise StaleArtifactsError(
                 f"artifacts in {artifacts_dir} do not match: " + "; ".join(problems) + ". Rebuild them: "
-                f"glm5c compile --model {model_dir} --out {artifacts_dir} --device {device} --dtype {dtype} "
-                f"--buckets {buckets} --max-model-len {self.max_model_len} --block-size {self.block_size}"
-                + (" --fp8-index-cache" if self.index_cache_dtype == "float8_e4m3fn" else "")
+                + self.rebuild_command(artifacts_dir, model_dir, device, dtype)
             )
+
+    def rebuild_command(self, artifacts_dir: str | Path, model_dir: str | Path, device: str, dtype: str) -> str:
+        buckets = ",".join(str(b.tokens) for b in self.buckets)
+        return (f"glm5c compile --model {model_dir} --out {artifacts_dir} --device {device} --dtype {dtype} "
+                f"--buckets {buckets} --max-model-len {self.max_model_len} --block-size {self.block_size}"
+                + (" --fp8-index-cache" if self.index_cache_dtype == "float8_e4m3fn" else ""))  # fmt: skip
 
 
 def environment(device: str) -> dict[str, str | None]:

@@ -105,6 +105,17 @@ def test_changed_weights_are_refused(tiny_dir, artifacts, tmp_path):
         LLM(model, artifacts=artifacts)
 
 
+def test_artifacts_with_other_ops_are_refused(tiny_dir, artifacts, tmp_path):
+    """An older glm5c's per-bucket op choices (named in the manifest) are not loaded beside this one's."""
+    old = _copy(artifacts, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["ops"]["linear"] = "linear_before"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StaleArtifactsError, match=r"compiled with other ops \(linear: built with 'linear_before', "
+                                                  r"now '\w+'\)\. Rebuild them: glm5c compile --model"):  # fmt: skip
+        LLM(tiny_dir, artifacts=old)
+
+
 def test_other_dtype_is_refused(tiny_dir, artifacts):
     with pytest.raises(StaleArtifactsError, match="dtype: built for 'float32', now 'bfloat16'"):
         LLM(tiny_dir, dtype="bfloat16", artifacts=artifacts)
