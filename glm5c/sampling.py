@@ -106,6 +106,7 @@ class SamplingBatch:
     seen: Tensor | None  # [N, V] bool: in the prompt or the output; None when no row has penalties
     use_top_k_top_p: bool  # static: some sampled row has top_k < V or top_p < 1
     all_greedy: bool  # static: no row samples, so no noise is drawn
+    want_logprobs: bool  # static: some row asked for logprobs (else none are computed)
     num_top_logprobs: int  # static: the largest `logprobs` asked for (0 = none)
 
     @classmethod
@@ -155,6 +156,7 @@ class SamplingBatch:
             seen=seen,
             use_top_k_top_p=any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p in params),
             all_greedy=all(p.greedy for p in params),
+            want_logprobs=any(p.logprobs is not None for p in params),
             num_top_logprobs=min(max((p.logprobs or 0 for p in params), default=0), vocab_size),
         )
 
@@ -177,7 +179,7 @@ def _token_counts(tokens: list[list[int]], vocab_size: int, device: torch.device
 @dataclass(frozen=True)
 class SampleResult:
     token_ids: Tensor  # [N] int64
-    logprobs: Tensor  # [N] fp32: the chosen token's logprob
+    logprobs: Tensor | None  # [N] fp32: the chosen token's logprob; None when no row asked for logprobs
     top_logprobs: Tensor | None  # [N, n] fp32, descending, n = batch.num_top_logprobs; None when n = 0
     top_ids: Tensor | None  # [N, n] int64
 
@@ -191,14 +193,16 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleResult:
     logits, parameters, seed and position, never on the rest of the batch.
 
     Logprobs (chosen and top-n) are of log_softmax(penalized logits / temperature), before the
-    top-k/top-p/min-p masks (greedy rows: temperature 1). Rows that asked for fewer than n top
-    logprobs get n; the caller keeps what each asked for."""
+    top-k/top-p/min-p masks (greedy rows: temperature 1), computed only when some row asked for
+    them. Rows that asked for fewer than n top logprobs get n; the caller keeps what each asked for."""
     scaled = _scaled(logits, batch)  # [N, V]
     if batch.all_greedy:
         token_ids = scaled.argmax(-1)  # [N]
     else:
         drawn = (_masked(scaled, batch) + gumbel(batch.seeds, batch.positions, logits.shape[-1], SAMPLE)).argmax(-1)
         token_ids = torch.where(batch.greedy, scaled.argmax(-1), drawn)  # [N]
+    if not batch.want_logprobs:  # a log-softmax over the vocabulary nobody reads
+        return SampleResult(token_ids, None, None, None)
     logprobs = scaled.log_softmax(-1)  # [N, V]
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
     if batch.num_top_logprobs == 0:
