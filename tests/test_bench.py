@@ -179,3 +179,15 @@ def test_bench_serve_jsonl_dataset_against_a_running_server(tiny_dir, tmp_path):
 def test_bad_flags_and_unreachable_server_give_clear_errors(flags, message):
     run = subprocess.run(GLM5C + ["bench", *flags], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_cpu_graph_ops_ablation_runs(tiny_dir, tmp_path):
+    """bench/cpu_graph_ops.py on the tiny model: one bucket, the chosen ops and one alternative."""
+    out = tmp_path / "ops.json"
+    run = subprocess.run([sys.executable, "-m", "glm5c.bench.cpu_graph_ops", "--model", str(tiny_dir), "--buckets", "2",
+                          "--variants", "chosen", "linears: GEMM", "--rounds", "1", "--steps", "2", "--context", "8",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["bucket"], r["variant"]) for r in rows] == [(2, "chosen"), (2, "linears: GEMM")]
+    assert all(r["step_ms"] > 0 for r in rows) and "| 2 | " in run.stdout
