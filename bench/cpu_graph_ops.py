@@ -4,8 +4,9 @@ alternative, timed alternately in one process (this machine's speed drifts 10-30
 
     python bench/cpu_graph_ops.py [--model DIR] [--buckets 1 4 8 16] [--variants ...] [--rounds 5] [--out FILE]
 
-A step: every row of the bucket decodes one token of its own sequence at position --context - 1
-(the cache holds random entries; the time does not depend on them). Per round and variant, the
+A step: every row of the bucket decodes one token of its own sequence at position --context - 1,
+block tables as wide as that context (as the engine builds them; the runner widens them to the
+graph's minimum); the cache holds random entries (the time does not depend on them). Per round and variant, the
 median of --steps runner calls; reported: the median over rounds, and its ratio to `chosen`.
 Compiling takes ~25 s per bucket and variant on 2 cores.
 """
@@ -40,6 +41,7 @@ VARIANTS = {
     "chosen": None,
     "experts: dense": ("experts", moe.experts_dense),
     "experts: gathered": ("experts", moe.experts_gathered),
+    "experts: grouped": ("experts", moe.experts_grouped_mm),
     "linears: GEMM": ("linear", linear_ref),
     "linears: gemv": ("linear", _gemv_linear),
     "attention: BF16 matmuls": ("sparse_mla", dsa.sparse_mla_lowp),
@@ -89,7 +91,7 @@ def main() -> None:
                         layer.copy_(torch.randn(layer.shape).to(layer.dtype))
             chunks = [SeqChunk([7], args.context - 1, list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)))
                       for s in range(bucket)]  # fmt: skip
-            batch = build_step_batch(chunks, block_size, cache.pad_slot, max_blocks=-(-max_len // block_size))
+            batch = build_step_batch(chunks, block_size, cache.pad_slot)  # tables as wide as the context, as the engine's
             for _ in range(args.rounds):
                 for name, runner in runners.items():
                     with torch.inference_mode():

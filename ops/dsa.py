@@ -181,7 +181,7 @@ def sparse_mla_cpu(
 ) -> Tensor:  # fmt: skip
     """A CPU's compiled sparse attention, chosen by static shape per bucket: sparse_mla_gemv for up
     to four tokens, sparse_mla_lowp beyond (bench/results/2026-11-30-cpu-gemv.md: mini's decode
-    graph 1.26x slower at batch 1 with lowp, 0.94x / 1.03x / 1.08x at 4 / 8 / 16 with gemv)."""
+    graph 1.17x slower at batch 1 with lowp, even at 4; 1.04x / 1.11x slower at 8 / 16 with gemv)."""
     op = sparse_mla_gemv if q.shape[0] <= SPARSE_MLA_GEMV_MAX_TOKENS else sparse_mla_lowp
     return op(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim)
 

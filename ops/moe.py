@@ -192,10 +192,10 @@ def experts_cpu(
     dense batched GEMMs, then torch's grouped GEMM for many tokens. Shapes are static in a bucket's
     graph, so each bucket gets one, chosen at trace time. Measured on mini, 2 cores: eager
     (bench/cpu_experts.py) dense beats grouped 0.95-2.1x up to 64 tokens, grouped wins 1.4x at 128
-    and 3.3x at 256; compiled, whole decode graphs with gathered vs dense experts took 1.1 vs
-    3.5 ms at batch 1, 4.3 vs 5.5 ms at 4 and 5.5 vs 6.3 ms at 8 (up to 2 pairs per expert), but
-    9.2 / 8.8 vs 8.1 / 8.7 ms at 16, where re-reading experts per pair costs more than dense's
-    wasted flops (bench/results/2026-11-30-cpu-gemv.md)."""
+    and 3.3x at 256; compiled, whole decode graphs with dense instead of gathered experts ran
+    2.0x / 1.31x / 1.09x slower at batch 1 / 4 / 8 (up to 2 pairs per expert), and gathered ones
+    1.02x slower at 16, where re-reading an expert per pair costs more than dense's wasted flops
+    (bench/results/2026-11-30-cpu-gemv.md)."""
     args = (x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear)
     pairs = x.shape[0] * expert_ids.shape[1]
     if pairs <= GATHERED_MAX_PAIRS_PER_EXPERT * gate_proj.shape[0] and torch.compiler.is_compiling():
