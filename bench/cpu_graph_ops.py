@@ -59,6 +59,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out")
     args = parser.parse_args()
+    for name in ("rounds", "steps", "context"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if any(b < 1 for b in args.buckets):
+        parser.error(f"--buckets must be >= 1, got {args.buckets}")
+    if args.model is not None and not Path(args.model, "config.json").is_file():
+        parser.error(f"--model {args.model}: no config.json there")
     if args.model is None:
         from glm5c.default_model import default_model_dir
 

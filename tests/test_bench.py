@@ -191,3 +191,13 @@ def test_cpu_graph_ops_ablation_runs(tiny_dir, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["bucket"], r["variant"]) for r in rows] == [(2, "chosen"), (2, "linears: GEMM")]
     assert all(r["step_ms"] > 0 for r in rows) and "| 2 | " in run.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rounds", "0"], "--rounds must be >= 1"), (["--buckets", "0"], "--buckets must be >= 1"),
+    (["--model", "/nonexistent"], "no config.json there"), (["--variants", "bogus"], "invalid choice: 'bogus'"),
+])  # fmt: skip
+def test_cpu_graph_ops_bad_input(argv, message):
+    run = subprocess.run([sys.executable, "-m", "glm5c.bench.cpu_graph_ops", *argv], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
