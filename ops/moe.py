@@ -89,6 +89,12 @@ def group_by_expert(expert_ids: Tensor, first_expert: int, n_local: int) -> tupl
     return order, group_ends, is_local[order]
 
 
+def _require_unquantized(scales: tuple[Tensor | None, Tensor | None, Tensor | None], op: str) -> None:
+    """The shape-static expert paths multiply BF16/FP32 weights; an FP8 checkpoint is dequantized on load for them."""
+    if any(s is not None for s in scales):
+        raise ValueError(f"{op} takes unquantized expert weights (load with keep_fp8=False)")
+
+
 def experts_grouped_mm(
     x: Tensor,  # [T, D]
     expert_ids: Tensor,  # [T, top_k] global expert ids
@@ -103,8 +109,7 @@ def experts_grouped_mm(
     """experts_ref's result with every shape fixed by T (no data-dependent shapes, so it compiles
     into one graph): pairs grouped by expert, then torch's grouped GEMM. BF16/FP32 weights only
     (an FP8 checkpoint is dequantized on load for this path)."""
-    if any(s is not None for s in scales):
-        raise ValueError("experts_grouped_mm takes unquantized expert weights (load with keep_fp8=False)")
+    _require_unquantized(scales, "experts_grouped_mm")
     top_k = expert_ids.shape[1]
     order, group_ends, is_local = group_by_expert(expert_ids, first_expert, gate_proj.shape[0])
     token = order // top_k  # [T*k] token of each sorted pair
@@ -133,8 +138,7 @@ def experts_dense(
     each (token, expert) output then weighted by its routing weight (0 where not chosen). E/top_k
     times the flops of the sparse form but three calls instead of 3 x E: faster on a CPU while
     tokens are few (see experts_cpu). BF16/FP32 weights only."""
-    if any(s is not None for s in scales):
-        raise ValueError("experts_dense takes unquantized expert weights (load with keep_fp8=False)")
+    _require_unquantized(scales, "experts_dense")
     n_experts, tokens = gate_proj.shape[0], x.shape[0]
     local = expert_ids - first_expert
     local = torch.where((local >= 0) & (local < n_experts), local, n_experts)  # other ranks' -> a spare column
@@ -164,8 +168,7 @@ def experts_gathered(
     E_local and does E_local / top_k times the flops; faster compiled for up to ~2 pairs per
     expert (see experts_cpu). Eagerly the indexing copies the chosen experts' weights. Pairs for other ranks'
     experts read local expert 0 and weigh 0."""
-    if any(s is not None for s in scales):
-        raise ValueError("experts_gathered takes unquantized expert weights (load with keep_fp8=False)")
+    _require_unquantized(scales, "experts_gathered")
     tokens, top_k = expert_ids.shape
     n_experts = gate_proj.shape[0]
     local = expert_ids - first_expert
