@@ -176,7 +176,8 @@ def _compile(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len, fp8_index_cache=args.fp8_index_cache,
         progress=lambda line: print(line, flush=True),
     )  # fmt: skip
-    print(f"wrote {args.out}: {len(manifest.buckets)} graphs in {manifest.compile_s:.1f} s "
+    mtp = f" + {len(manifest.mtp_buckets)} MTP-layer graphs" if manifest.mtp_buckets else ""
+    print(f"wrote {args.out}: {len(manifest.buckets)} graphs{mtp} in {manifest.compile_s:.1f} s "
           f"(max_model_len {manifest.max_model_len}, block size {manifest.block_size})")  # fmt: skip
 
 

@@ -103,13 +103,20 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_tokens, config.max_seqs, config.max_waiting)
         k = config.num_speculative_tokens
-        self.drafter = Drafter(self.model, self.cache, self.blocks, k) if k else None
+        self.drafter = None
+        if k:
+            compiled_mtp = None
+            if self.runner is not None:
+                self.runner.require_mtp()
+                compiled_mtp = self.runner.mtp
+            self.drafter = Drafter(self.model, self.cache, self.blocks, k, compiled_mtp)
         self.eos = set(self.model_config.eos_token_ids)
         self._active: set[str] = set()  # request ids queued or running
         self._arrivals = itertools.count()
         self.step_times_s: list[float] = []
         self.generated_tokens = 0
         self.forward_times_s: list[float] = []
+        self.draft_times_s: list[float] = []  # per step with MTP on: catch-up and drafting
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -172,7 +179,9 @@ class Engine:
         self.forward_times_s.append(time.perf_counter() - t)
         outputs, catch_ups = self._advance(chunks, hidden, logits)
         if self.drafter is not None:
+            t = time.perf_counter()
             self.drafter.catch_up_and_draft(catch_ups)
+            self.draft_times_s.append(time.perf_counter() - t)
         self.step_times_s.append(time.perf_counter() - start)
         return outputs
 

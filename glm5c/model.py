@@ -382,6 +382,11 @@ class GLM5(nn.Module):
         """One MTP draft step. batch.token_ids are the next tokens, `hidden` [T, D] the hidden states
         (from the main model, or from the previous draft step) at the positions before them.
         -> (logits [N, vocab] fp32 at batch.logits_indices, MTP hidden states [T, D] for the next draft step)."""
+        x = self.mtp_hidden(batch, cache, hidden)
+        return self.mtp_logits(x[batch.logits_indices]), x
+
+    def mtp_hidden(self, batch: StepBatch, cache: KVCache, hidden: Tensor) -> Tensor:
+        """The MTP layer over one step (the part a compiled graph holds) -> its hidden states [T, D]."""
         if self.mtp is None:
             raise RuntimeError("this model has no MTP layer")
         m = self.mtp
@@ -390,6 +395,10 @@ class GLM5(nn.Module):
         x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))  # [T, 2D] -> [T, D]
         cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
         x, _ = m(x, cos, sin, batch, cache, None)
+        return x
+
+    def mtp_logits(self, x: Tensor) -> Tensor:
+        """MTP hidden states [N, D] -> draft logits [N, vocab] in fp32."""
+        m = self.mtp
         head = m.shared_head.head if m.shared_head.head is not None else self.lm_head
-        logits = head(m.shared_head.norm(x[batch.logits_indices])).float()
-        return logits, x
+        return head(m.shared_head.norm(x)).float()

@@ -20,11 +20,12 @@ asking for logprobs (verification reports none).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .batch import SeqChunk, build_step_batch
+from .batch import SeqChunk, StepBatch, build_step_batch
 from .block_manager import BlockManager
 from .kv_cache import KVCache
 from .model import GLM5
@@ -60,11 +61,22 @@ class DraftStats:
 
 
 class Drafter:
-    def __init__(self, model: GLM5, cache: KVCache, blocks: BlockManager, num_tokens: int) -> None:
+    def __init__(
+        self, model: GLM5, cache: KVCache, blocks: BlockManager, num_tokens: int,
+        mtp_hidden: Callable[[StepBatch, KVCache, Tensor], Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        """mtp_hidden: runs the MTP layer over a step (a compiled runner's `mtp`); default: eagerly."""
         if model.mtp is None:
             raise ValueError("speculative decoding needs the checkpoint's MTP layer, and this model has none")
         self.model, self.cache, self.blocks, self.k = model, cache, blocks, num_tokens
+        self.mtp_hidden = mtp_hidden or model.mtp_hidden
         self.stats = DraftStats()
+
+    def _forward(self, batch: StepBatch, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """-> draft logits [N, vocab] at batch.logits_indices, MTP hidden states [T, D]."""
+        with torch.inference_mode():
+            x = self.mtp_hidden(batch, self.cache, hidden)
+            return self.model.mtp_logits(x[batch.logits_indices]), x
 
     def catch_up_and_draft(self, entries: list[CatchUp]) -> None:
         """Write the MTP cache for `entries` and set each drafting sequence's `draft` and
@@ -84,8 +96,7 @@ class Drafter:
             chunks.append(SeqChunk(e.seq.tokens[e.start + 1 : e.start + 1 + count], e.start,
                                    self.blocks.tables[e.seq.id], want_logits=drafting))  # fmt: skip
         batch = build_step_batch(chunks, self.blocks.block_size, self.cache.pad_slot, self.cache_device)
-        with torch.inference_mode():
-            logits, mtp_hidden = self.model.mtp_forward(batch, self.cache, torch.cat([e.hidden for e in entries]))
+        logits, mtp_hidden = self._forward(batch, torch.cat([e.hidden for e in entries]))
         drafting = [e.seq for e in entries if e.wants_draft]
         if not drafting:
             return
@@ -100,8 +111,7 @@ class Drafter:
                 break
             step = [SeqChunk([seq.draft[-1]], len(seq.tokens) - 1 + j, self.blocks.tables[seq.id]) for seq in drafting]
             batch = build_step_batch(step, self.blocks.block_size, self.cache.pad_slot, self.cache_device)
-            with torch.inference_mode():
-                logits, hidden = self.model.mtp_forward(batch, self.cache, hidden)
+            logits, hidden = self._forward(batch, hidden)
         for seq, q in zip(drafting, torch.stack(probs, dim=1)):  # [N, k, V]
             seq.draft_probs = q
         self.stats.drafted += self.k * len(drafting)

@@ -44,7 +44,7 @@ from .manifest import (
     file_sha256,
     weight_fingerprint,
 )
-from .step import StaticInputs, StepModule, cache_args
+from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache_args
 
 # What the graphs are built from. Every op must have static shapes; on a GPU also no host sync,
 # so CUDA graphs can capture it. Experts run as torch's grouped GEMM, which takes BF16 only; in
@@ -106,11 +106,26 @@ def export_step(model, tokens: int, max_blocks: int, block_size: int, device: to
     return torch.export.export(StepModule(model), (*inputs.args(), *caches), dynamic_shapes=dynamic, strict=False)
 
 
-def _example_inputs(tokens: int, max_blocks: int, block_size: int, pad_slot: int, device) -> StaticInputs:
+def export_mtp_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype):
+    """torch.export of one bucket's MTP step (MTPStepModule), dynamic in the same dims as export_step."""
+    config = model.config
+    cache = KVCache(config, 2, block_size, model.dtype, device, config.num_layers_with_mtp, index_dtype)
+    hidden = (config.hidden_size, model.dtype)
+    inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device, hidden)
+    caches = mtp_cache_args(cache, config.num_hidden_layers)
+    blocks = torch.export.Dim("cache_blocks", min=2)
+    narrowest = min_table_blocks(config, block_size, max_blocks)
+    width = {1: torch.export.Dim("table_blocks", min=narrowest, max=max_blocks)} if narrowest < max_blocks else None
+    dynamic = (None,) * 4 + (width, None, None) + tuple([{0: blocks}] * len(c) for c in caches)
+    return torch.export.export(MTPStepModule(model), (*inputs.args(), *caches), dynamic_shapes=dynamic, strict=False)
+
+
+def _example_inputs(tokens: int, max_blocks: int, block_size: int, pad_slot: int, device, hidden=None) -> StaticInputs:
     """A full bucket of one-token sequences (only shapes and dtypes matter to the compiler)."""
-    inputs = StaticInputs(tokens, max_blocks, device)
+    inputs = StaticInputs(tokens, max_blocks, device, hidden)
     chunks = [SeqChunk([1], 0, [0]) for _ in range(tokens)]
-    inputs.fill(build_step_batch(chunks, block_size, pad_slot, device), pad_slot, block_size)
+    states = None if hidden is None else torch.zeros(tokens, hidden[0], dtype=hidden[1], device=device)
+    inputs.fill(build_step_batch(chunks, block_size, pad_slot, device), pad_slot, block_size, states)
     return inputs
 
 
@@ -152,21 +167,37 @@ def compile_artifacts(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     artifacts: list[BucketArtifact] = []
+    mtp_artifacts: list[BucketArtifact] = []
     start = time.perf_counter()
+
+    def package(program, name: str) -> float:
+        t = time.perf_counter()
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(stage / name), inductor_configs={"aot_inductor.package_constants_in_so": False}
+        )
+        return time.perf_counter() - t
+
     try:
         for i, tokens in enumerate(buckets.sizes, 1):
             t = time.perf_counter()
             program = export_step(model, tokens, max_blocks, block_size, torch_device, index_dtype)
             name = f"step_{tokens}.pt2"
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=str(stage / name),
-                inductor_configs={"aot_inductor.package_constants_in_so": False},
-            )  # fmt: skip
+            package(program, name)
             seconds = time.perf_counter() - t
             artifacts.append(BucketArtifact(tokens, name, file_sha256(stage / name), round(seconds, 2),
                                             _graph_memory(model, tokens, max_blocks, block_size, torch_device,
                                                           index_dtype)))  # fmt: skip
-            progress(f"[{i}/{len(buckets.sizes)}] bucket {tokens:5d} tokens compiled in {seconds:6.1f} s")
+            line = f"[{i}/{len(buckets.sizes)}] bucket {tokens:5d} tokens compiled in {seconds:6.1f} s"
+            if model.mtp is not None:  # the MTP layer's graph for the same bucket (speculative decoding)
+                t = time.perf_counter()
+                program = export_mtp_step(model, tokens, max_blocks, block_size, torch_device, index_dtype)
+                mtp_name = f"mtp_{tokens}.pt2"
+                package(program, mtp_name)
+                mtp_seconds = time.perf_counter() - t
+                mtp_artifacts.append(BucketArtifact(tokens, mtp_name, file_sha256(stage / mtp_name),
+                                                    round(mtp_seconds, 2)))  # fmt: skip
+                line += f" (+ MTP layer {mtp_seconds:5.1f} s)"
+            progress(line)
         manifest = Manifest(
             format=FORMAT,
             glm5c_version=glm5c.__version__,
@@ -183,6 +214,7 @@ def compile_artifacts(
             ops=op_names,
             constants_signature=constants_signature(StepModule(model)),
             buckets=artifacts,
+            mtp_buckets=mtp_artifacts,
             compile_s=round(time.perf_counter() - start, 2),
         )
         manifest.write(stage)

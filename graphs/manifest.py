@@ -49,6 +49,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     constants_signature: str  # hash of every weight's name, shape and dtype the graphs take
     buckets: list[BucketArtifact]
     compile_s: float
+    # the MTP layer's graph per bucket (empty: a model without MTP, or built by a glm5c that had none)
+    mtp_buckets: list[BucketArtifact] = []
 
     @property
     def max_blocks(self) -> int:
@@ -86,7 +88,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
 
     def check(self, artifacts_dir: str | Path, model_dir: str | Path, device: str, dtype: str) -> None:
         problems = self.differences(model_dir, device, dtype)
-        for bucket in self.buckets:
+        for bucket in self.buckets + self.mtp_buckets:
             path = Path(artifacts_dir) / bucket.file
             if not path.is_file():
                 problems.append(f"{bucket.file} is missing")

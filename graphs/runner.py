@@ -4,6 +4,8 @@ On a CPU the runner calls each bucket's AOTInductor package directly. On a GPU i
 each bucket's call once, at load, as a CUDA graph over static input buffers, all graphs sharing
 one memory pool, and replays it per step. Either way a step is: pick the bucket, copy the
 batch into its buffers (padding the rest), run, return the real tokens' hidden states.
+Artifacts built for a model with an MTP layer also hold its graph per bucket (`mtp`), which the
+speculative drafter runs the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from glm5c.model import GLM5
 from . import compile as _compile  # noqa: F401  (counts any compilation from here on)
 from .buckets import Buckets
 from .manifest import Manifest, StaleArtifactsError, constants_signature
-from .step import StaticInputs, StepModule, cache_args
+from .step import StaticInputs, StepModule, cache_args, mtp_cache_args
 
 
 class GraphRunner:
@@ -41,21 +43,42 @@ class GraphRunner:
             raise StaleArtifactsError(
                 f"the model's weights (names, shapes or dtypes) differ from those {self.dir} was compiled for"
             )
-        self._packages = {}
-        for bucket in self.manifest.buckets:
-            try:
-                package = _load_package(self.dir / bucket.file)
-                fqns = package.get_constant_fqns()
-            except Exception as e:  # a corrupted or foreign package: say which file
-                raise StaleArtifactsError(f"cannot load {self.dir / bucket.file}: {type(e).__name__}: {e}") from None
-            missing = [f for f in fqns if f not in named]
-            if missing:
-                raise StaleArtifactsError(f"{bucket.file} expects weights this model lacks: {missing[:5]}")
-            package.load_constants({f: named[f] for f in fqns}, check_full_update=True, user_managed=True)
-            self._packages[bucket.tokens] = package
-        self._inputs = {t: StaticInputs(t, self.max_blocks, device) for t in self.buckets.sizes}
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._packages = {("step", b.tokens): self._load(b, named) for b in self.manifest.buckets}
+        if model.mtp is not None:
+            self._packages |= {("mtp", b.tokens): self._load(b, named) for b in self.manifest.mtp_buckets}
+        self._inputs = {("step", t): StaticInputs(t, self.max_blocks, device) for t in self.buckets.sizes}
+        if self.has_mtp:
+            hidden = (model.config.hidden_size, model.dtype)
+            self._inputs |= {("mtp", t): StaticInputs(t, self.max_blocks, device, hidden) for t in self.buckets.sizes}
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_cache: KVCache | None = None
+
+    def _load(self, bucket, named: dict[str, Tensor]):
+        try:
+            package = _load_package(self.dir / bucket.file)
+            fqns = package.get_constant_fqns()
+        except Exception as e:  # a corrupted or foreign package: say which file
+            raise StaleArtifactsError(f"cannot load {self.dir / bucket.file}: {type(e).__name__}: {e}") from None
+        missing = [f for f in fqns if f not in named]
+        if missing:
+            raise StaleArtifactsError(f"{bucket.file} expects weights this model lacks: {missing[:5]}")
+        package.load_constants({f: named[f] for f in fqns}, check_full_update=True, user_managed=True)
+        return package
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the artifacts hold the MTP layer's graphs (one per bucket)."""
+        return bool(self.manifest.mtp_buckets) and self.model.mtp is not None
+
+    def require_mtp(self) -> None:
+        """Speculative decoding runs the MTP layer through these artifacts: refuse ones without its
+        graphs (built before glm5c compiled it) with the command that rebuilds them."""
+        if self.model.mtp is not None and not self.has_mtp:
+            m = self.manifest
+            raise StaleArtifactsError(
+                f"artifacts in {self.dir} hold no graphs for the MTP layer, which speculative decoding runs. "
+                "Rebuild them: " + m.rebuild_command(self.dir, m.model_dir, m.device, m.dtype)
+            )
 
     @property
     def index_dtype(self) -> torch.dtype:
@@ -67,50 +90,62 @@ class GraphRunner:
 
     def __call__(self, batch: StepBatch, cache: KVCache) -> Tensor:
         """-> hidden [batch.num_tokens, D], as `model(batch, cache)` computes it."""
+        return self._step("step", batch, cache)
+
+    def mtp(self, batch: StepBatch, cache: KVCache, hidden: Tensor) -> Tensor:
+        """-> the MTP layer's hidden states [batch.num_tokens, D], as `model.mtp_hidden` computes them."""
+        if not self.has_mtp:
+            raise RuntimeError(f"{self.dir} holds no MTP graphs")
+        return self._step("mtp", batch, cache, hidden)
+
+    def _step(self, kind: str, batch: StepBatch, cache: KVCache, hidden: Tensor | None = None) -> Tensor:
         if cache.block_size != self.block_size:
             raise ValueError(f"cache block size {cache.block_size} != the artifacts' {self.block_size}")
         if cache.index_k[0].dtype != self.index_dtype:
             raise ValueError(f"cache index keys are {cache.index_k[0].dtype}, the artifacts read {self.index_dtype}")
-        tokens = self.buckets.pick(batch.num_tokens)
-        inputs = self._inputs[tokens]
-        inputs.fill(batch, cache.pad_slot, self.block_size)
-        caches = cache_args(cache, self.model.config.num_hidden_layers)
+        key = (kind, self.buckets.pick(batch.num_tokens))
+        inputs = self._inputs[key]
+        inputs.fill(batch, cache.pad_slot, self.block_size, hidden)
         if self.device.type == "cuda":
-            return self._replay(tokens, inputs, cache, caches)[: batch.num_tokens]
+            return self._replay(key, cache)[: batch.num_tokens]
         width = max(self.manifest.min_table_blocks, batch.block_tables.shape[1])
-        return self._run(tokens, inputs, caches, width)[: batch.num_tokens]
+        return self._run(key, self._cache_args(kind, cache), width)[: batch.num_tokens]
 
-    def _run(self, tokens: int, inputs: StaticInputs, caches: tuple[list[Tensor], ...], width: int | None = None) -> Tensor:
+    def _cache_args(self, kind: str, cache: KVCache) -> tuple[list[Tensor], ...]:
+        layers = self.model.config.num_hidden_layers
+        return cache_args(cache, layers) if kind == "step" else mtp_cache_args(cache, layers)
+
+    def _run(self, key: tuple[str, int], caches: tuple[list[Tensor], ...], width: int | None = None) -> Tensor:
         """Call the package with its inputs already flat, in StepModule's order (the package's own
         __call__ re-parses its pytree spec on every call). `width`: block-table columns to pass (a
         CPU reads only as far as the step's longest sequence; CUDA graphs were captured at full width)."""
-        args = [*inputs.args(width), *(t for c in caches for t in c)]
-        return self._packages[tokens].loader.boxed_run(args)[0]
+        args = [*self._inputs[key].args(width), *(t for c in caches for t in c)]
+        return self._packages[key].loader.boxed_run(args)[0]
 
-    def _replay(self, tokens: int, inputs: StaticInputs, cache: KVCache, caches) -> Tensor:
+    def _replay(self, key: tuple[str, int], cache: KVCache) -> Tensor:
         """CUDA graphs read fixed addresses: the first step on a cache captures every bucket
         against it (one shared memory pool); later steps replay."""
         if self._graph_cache is not cache:
             self.capture(cache)
-        graph, out = self._graphs[tokens]
+        graph, out = self._graphs[key]
         graph.replay()
         return out
 
     def capture(self, cache: KVCache) -> None:
-        caches = cache_args(cache, self.model.config.num_hidden_layers)
         self._graphs.clear()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for tokens in reversed(self.buckets.sizes):  # largest first, so smaller ones reuse its pool
-            inputs = self._inputs[tokens]
+        # largest first, so smaller ones reuse its pool; MTP graphs after the main ones
+        for key in sorted(self._packages, key=lambda k: (k[0] != "step", -k[1])):
+            caches = self._cache_args(key[0], cache)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._run(tokens, inputs, caches)  # warm up outside the graph
+                self._run(key, caches)  # warm up outside the graph
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._run(tokens, inputs, caches)
-            self._graphs[tokens] = (graph, out)
+                out = self._run(key, caches)
+            self._graphs[key] = (graph, out)
         self._graph_cache = cache
 
 

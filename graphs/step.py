@@ -1,5 +1,5 @@
-"""The compiled unit — one forward step of the main model over flat, padded tensors — and the
-static input buffers a bucket's graph reads."""
+"""The compiled units — one forward step of the main model, and one step of the MTP layer, over
+flat, padded tensors — and the static input buffers a bucket's graph reads."""
 
 from __future__ import annotations
 
@@ -45,6 +45,41 @@ class StepModule(nn.Module):
         return self.model(batch, cache)
 
 
+class MTPStepModule(nn.Module):
+    """mtp_hidden [T, D] = the MTP layer over one step (a catch-up over the positions the main model
+    just computed, or one draft step); the draft logits are taken outside, at the rows that need
+    them. Reads and writes only the MTP layer's cache tensors."""
+
+    def __init__(self, model: GLM5) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        token_ids: Tensor,  # [T]
+        positions: Tensor,  # [T]
+        seq_ids: Tensor,  # [T]
+        slot_mapping: Tensor,  # [T]
+        block_tables: Tensor,  # [T + 1, max_blocks]
+        seq_lens: Tensor,  # [T + 1]
+        hidden: Tensor,  # [T, D] the hidden states at the positions before token_ids
+        latent: list[Tensor],  # [the MTP layer's [num_blocks + 1, block_size, kv_cache_dim]]
+        index_k: list[Tensor],  # [its indexer keys [num_blocks + 1, block_size, index_head_dim]]
+        index_scale: list[Tensor],  # [its scales [num_blocks + 1, block_size]] with FP8 keys, else []
+    ) -> Tensor:
+        before = [None] * self.model.config.num_hidden_layers  # main layers: not read
+        cache = SimpleNamespace(latent=before + latent, index_k=before + index_k,
+                                index_scale=before + (index_scale or [None]))  # fmt: skip
+        batch = StepBatch(token_ids, positions, seq_ids, slot_mapping, block_tables, seq_lens, token_ids[:0])
+        return self.model.mtp_hidden(batch, cache, hidden)
+
+
+def mtp_cache_args(cache: KVCache, num_layers: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The MTP layer's cache tensors (layer `num_layers`, after the main ones) in MTPStepModule's order."""
+    scale = cache.index_scale[num_layers]
+    return [cache.latent[num_layers]], [cache.index_k[num_layers]], [] if scale is None else [scale]
+
+
 def cache_args(cache: KVCache, num_layers: int) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """The main layers' cache tensors in StepModule's argument order."""
     def present(tensors: list[Tensor | None]) -> list[Tensor]:
@@ -57,7 +92,9 @@ class StaticInputs:
     """One bucket's input buffers. A step is copied in and padded: padding tokens write to the
     cache's scratch slot and belong to an extra sequence row whose blocks are all scratch."""
 
-    def __init__(self, tokens: int, max_blocks: int, device: torch.device | str) -> None:
+    def __init__(self, tokens: int, max_blocks: int, device: torch.device | str,
+                 hidden: tuple[int, torch.dtype] | None = None) -> None:
+        """hidden (width, dtype): also a [tokens, width] buffer of input hidden states (MTP graphs)."""
         self.tokens = tokens
         self.max_blocks = max_blocks
 
@@ -67,8 +104,9 @@ class StaticInputs:
         self.token_ids, self.positions, self.seq_ids, self.slot_mapping = (buf(tokens) for _ in range(4))
         self.block_tables = buf(tokens + 1, max_blocks, dtype=torch.int32)
         self.seq_lens = buf(tokens + 1, dtype=torch.int32)
+        self.hidden = buf(tokens, hidden[0], dtype=hidden[1]) if hidden else None
 
-    def fill(self, batch: StepBatch, pad_slot: int, block_size: int) -> None:
+    def fill(self, batch: StepBatch, pad_slot: int, block_size: int, hidden: Tensor | None = None) -> None:
         n, rows = batch.num_tokens, batch.block_tables.shape[0]
         width = batch.block_tables.shape[1]
         if n > self.tokens or rows > self.tokens or width > self.max_blocks:
@@ -86,8 +124,12 @@ class StaticInputs:
         self.block_tables[:rows, :width].copy_(batch.block_tables)
         self.seq_lens.fill_(1)
         self.seq_lens[:rows].copy_(batch.seq_lens)
+        if self.hidden is not None:
+            self.hidden[:n].copy_(hidden)
+            self.hidden[n:] = 0
 
     def args(self, width: int | None = None) -> tuple[Tensor, ...]:
         """The graph's inputs; `width`: pass only the first `width` columns of the block tables."""
         tables = self.block_tables if width is None else self.block_tables[:, :width].contiguous()
-        return self.token_ids, self.positions, self.seq_ids, self.slot_mapping, tables, self.seq_lens
+        args = (self.token_ids, self.positions, self.seq_ids, self.slot_mapping, tables, self.seq_lens)
+        return args if self.hidden is None else (*args, self.hidden)

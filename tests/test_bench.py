@@ -116,6 +116,22 @@ def test_bench_latency_compiled_against_eager(tiny_dir, tiny_artifacts, tmp_path
     assert result["eager"]["speedup"] > 0
 
 
+def test_bench_engine_runs_compiled_and_mtp(tiny_dir, tiny_artifacts, tmp_path):
+    """bench/bench_engine.py on the tiny model: throughput against transformers, and MTP eager and
+    compiled (the drafter on the MTP layer's graphs), with the cost split of a speculative step."""
+    out = tmp_path / "engine.json"
+    run = subprocess.run([sys.executable, "-m", "glm5c.bench.bench_engine", "--model", str(tiny_dir), "--artifacts",
+                          str(tiny_artifacts), "--concurrency", "2", "--new-tokens", "4", "--repeats", "1", "--mtp", "2",
+                          "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rows"][0]["compiled"]["tok_s"] > 0 and report["rows"][0]["eager"]["vs_transformers"] > 0
+    for name in ("eager", "compiled"):
+        m = report["mtp"][name]
+        assert m["k"] == 2 and m["mean_accept_length"] >= 1 and m["draft_ms"] > 0 and m["break_even_accept_length"] > 0
+    assert "MTP k=2, compiled" in run.stdout
+
+
 SERVE_FIELDS = ("date", "machine", "git_commit", "command", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
                 "duration", "completed", "failed", "total_input_tokens", "total_output_tokens",
                 "request_throughput", "request_goodput", "output_throughput", "total_token_throughput",

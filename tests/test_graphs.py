@@ -80,6 +80,74 @@ def test_fresh_process_loads_with_zero_compilations(tiny_dir, artifacts, tmp_pat
     assert not cache_dir.exists() or not any(cache_dir.rglob("*.so"))  # nothing was built
 
 
+@pytest.mark.parametrize("num_seqs", [1, 3, 4])  # 3 run padded in bucket 4
+def test_compiled_mtp_step_equals_eager(compiled, num_seqs):
+    """The MTP layer's graph: hidden states and the MTP layer's cache equal the eager layer's,
+    token by token through non-contiguous blocks."""
+    runner, model = compiled.runner, compiled.model
+    assert runner.has_mtp and [b.tokens for b in runner.manifest.mtp_buckets] == list(BUCKETS)
+    prompts = _seqs([9, 30, 17, 2][:num_seqs], seed=3)
+    g = torch.Generator().manual_seed(4)
+    states = [torch.randn(len(p), model.config.hidden_size, generator=g) for p in prompts]
+    mtp_layer = model.config.num_hidden_layers
+    outs = []
+    for use_graph in (False, True):
+        cache = runner.new_cache(num_blocks=40)
+        tables = [list(range(i * 10 + 9, i * 10 - 1, -1)) for i in range(num_seqs)]
+        for pos in range(max(len(p) for p in prompts)):
+            live = [i for i, p in enumerate(prompts) if pos < len(p)]
+            batch = build_step_batch([SeqChunk([prompts[i][pos]], pos, tables[i]) for i in live], 4, cache.pad_slot,
+                                     max_blocks=runner.max_blocks)  # fmt: skip
+            hidden = torch.stack([states[i][pos] for i in live])
+            with torch.inference_mode():
+                x = runner.mtp(batch, cache, hidden) if use_graph else model.mtp_hidden(batch, cache, hidden)
+        outs.append((x, cache.latent[mtp_layer][:-1].clone(), cache.index_k[mtp_layer][:-1].clone()))
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(*outs))
+    assert outs[0][1].abs().sum() > 0  # the MTP layer's cache was written
+
+
+def test_compiled_mtp_drafts_equal_eager(tiny_dir, artifacts):
+    """Speculative decoding on artifacts runs the MTP layer's graphs: the same drafts (so the same
+    acceptance) as drafting eagerly, greedy output equal to decoding without drafts, and nothing
+    compiled at start-up."""
+    from glm5c.engine import EngineConfig
+    from glm5c.graphs.compile import compile_count
+
+    prompts = _seqs([3, 21, 40], seed=5)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    spec = EngineConfig(num_speculative_tokens=3)
+    before = compile_count()
+    graph, eager = (LLM(tiny_dir, artifacts=artifacts, engine_config=spec) for _ in range(2))
+    assert compile_count() == before
+    eager.engine.drafter.mtp_hidden = eager.model.mtp_hidden  # the same drafter, the MTP layer run eagerly
+    runs = []
+    for llm in (graph, eager):
+        drafter, drafts = llm.engine.drafter, []
+
+        def record(entries, original=drafter.catch_up_and_draft, drafts=drafts):
+            original(entries)
+            drafts.append([list(e.seq.draft) for e in entries])
+
+        drafter.catch_up_and_draft = record
+        runs.append(([o.token_ids for o in llm.generate(prompts, params)], drafts))
+    assert runs[0] == runs[1] and any(d for step in runs[0][1] for d in step)
+    assert runs[0][0] == [o.token_ids for o in LLM(tiny_dir, artifacts=artifacts).generate(prompts, params)]
+
+
+def test_artifacts_without_mtp_graphs_are_refused_for_speculation(tiny_dir, artifacts, tmp_path):
+    """Artifacts from before the MTP layer was compiled still serve plain decoding; speculative
+    decoding on them is refused with the rebuild command, not run eagerly at a fraction of the speed."""
+    from glm5c.engine import EngineConfig
+
+    old = _copy(artifacts, tmp_path / "old")
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["mtp_buckets"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert not LLM(tiny_dir, artifacts=old).runner.has_mtp
+    with pytest.raises(StaleArtifactsError, match=r"no graphs for the MTP layer.*Rebuild them: glm5c compile --model"):
+        LLM(tiny_dir, artifacts=old, engine_config=EngineConfig(num_speculative_tokens=2))
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -121,7 +189,8 @@ def test_other_dtype_is_refused(tiny_dir, artifacts):
         LLM(tiny_dir, dtype="bfloat16", artifacts=artifacts)
 
 
-@pytest.mark.parametrize("damage", ["truncated_graph", "missing_graph", "garbage_manifest", "no_manifest"])
+@pytest.mark.parametrize("damage", ["truncated_graph", "missing_graph", "missing_mtp_graph", "garbage_manifest",
+                                    "no_manifest"])  # fmt: skip
 def test_corrupted_artifacts_give_a_clear_error(tiny_dir, artifacts, tmp_path, damage):
     broken = _copy(artifacts, tmp_path / "artifacts")
     graph = broken / "step_4.pt2"
@@ -129,11 +198,14 @@ def test_corrupted_artifacts_give_a_clear_error(tiny_dir, artifacts, tmp_path, d
         graph.write_bytes(graph.read_bytes()[:1000])
     elif damage == "missing_graph":
         graph.unlink()
+    elif damage == "missing_mtp_graph":
+        (broken / "mtp_1.pt2").unlink()
     elif damage == "garbage_manifest":
         (broken / MANIFEST_FILE).write_text("{not json")
     else:
         (broken / MANIFEST_FILE).unlink()
     expected = {"truncated_graph": "step_4.pt2 is corrupted", "missing_graph": "step_4.pt2 is missing",
+                "missing_mtp_graph": "mtp_1.pt2 is missing",
                 "garbage_manifest": "is corrupted", "no_manifest": "not a glm5c artifact directory"}[damage]  # fmt: skip
     with pytest.raises(StaleArtifactsError, match=expected):
         LLM(tiny_dir, artifacts=broken)
