@@ -253,7 +253,12 @@ def test_cuda_graph_replay_equals_eager(tiny_dir, tmp_path):
     eager = LLM(tiny_dir, device="cuda", dtype="bfloat16", ops=ops_for("cuda", "bfloat16")[0])  # same math, eager
     prompts = _seqs([3, 21, 40], seed=5)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in eager.generate(prompts, params)]
+    expected = [o.token_ids for o in eager.generate(prompts, params)]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    from glm5c.engine import EngineConfig  # the MTP layer's graphs, replayed by the drafter
+
+    spec = LLM(tiny_dir, device="cuda", dtype="bfloat16", artifacts=out, engine_config=EngineConfig(num_speculative_tokens=2))
+    assert [o.token_ids for o in spec.generate(prompts, params)] == expected
 
 
 def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
