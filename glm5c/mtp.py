@@ -15,6 +15,9 @@ through the main model and applies rejection sampling (glm5c/rejection.py), so t
 distributed exactly as without drafts (greedy requests: identical tokens). Requests with
 penalties do not draft (a draft would change the counts its successors see), nor do requests
 asking for logprobs (verification reports none).
+With compiled artifacts the MTP layer runs through its own graph per bucket (graphs/step.py:
+MTPStepModule, built by `glm5c compile` beside the main model's), the draft logits and sampling
+outside it, as for the main model.
 """
 
 from __future__ import annotations
