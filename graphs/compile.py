@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -145,6 +146,7 @@ def compile_artifacts(
     the manifest last, atomically: an interrupted compile leaves no directory that looks valid.
     `op_set` (ops, their names) replaces ops_for's choice, for experiments that time other ops
     (bench/cpu_graph_ops.py); an engine refuses such artifacts (its ops differ from ops_for's)."""
+    _count_inductor_compiles()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
         raise FileExistsError(f"{out_dir} exists, is not empty and is not a glm5c artifact directory")
@@ -248,8 +250,8 @@ _inductor_compiles = 0
 
 
 def _count_inductor_compiles() -> None:
-    """Count every Inductor graph compilation in this process (torch.compile and AOTInductor both
-    go through compile_fx's `_compile_fx_inner`, looked up at call time)."""
+    """Count every Inductor graph compilation in this process from now on (torch.compile and
+    AOTInductor both go through compile_fx's `_compile_fx_inner`, looked up at call time)."""
     import torch._inductor.compile_fx as compile_fx
 
     original = compile_fx._compile_fx_inner
@@ -265,12 +267,21 @@ def _count_inductor_compiles() -> None:
     compile_fx._compile_fx_inner = counted
 
 
-_count_inductor_compiles()
+if "torch._inductor.compile_fx" in sys.modules:  # else: installed by the first compile_artifacts
+    _count_inductor_compiles()
 
 
 def compile_count() -> int:
-    """Graphs compiled in this process since glm5c.graphs.compile was imported: Inductor
-    compilations (AOTInductor's included) plus Dynamo frames. A start from valid artifacts leaves it at 0."""
-    from torch._dynamo.utils import counters
+    """Graphs compiled in this process: Inductor compilations (AOTInductor's included) counted
+    since glm5c.graphs.compile was imported or first compiled, plus Dynamo frames. Loading
+    artifacts imports neither compiler (graphs/runner.py), so a start from valid artifacts leaves
+    it at 0, and no compiler in sys.modules at all."""
+    count = 0
+    if "torch._inductor.compile_fx" in sys.modules:
+        _count_inductor_compiles()
+        count += _inductor_compiles
+    if "torch._dynamo.utils" in sys.modules:
+        from torch._dynamo.utils import counters
 
-    return _inductor_compiles + counters["stats"].get("unique_graphs", 0)
+        count += counters["stats"].get("unique_graphs", 0)
+    return count

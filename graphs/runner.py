@@ -19,7 +19,6 @@ from glm5c.batch import StepBatch
 from glm5c.kv_cache import KVCache
 from glm5c.model import GLM5
 
-from . import compile as _compile  # noqa: F401  (counts any compilation from here on)
 from .buckets import Buckets
 from .manifest import Manifest, StaleArtifactsError, constants_signature
 from .step import StaticInputs, StepModule, cache_args, mtp_cache_args
@@ -62,7 +61,8 @@ class GraphRunner:
         missing = [f for f in fqns if f not in named]
         if missing:
             raise StaleArtifactsError(f"{bucket.file} expects weights this model lacks: {missing[:5]}")
-        package.load_constants({f: named[f] for f in fqns}, check_full_update=True, user_managed=True)
+        # (constants, use_runtime_constant_folding, check_full_update, user_managed, allow_h2d_copy)
+        package.load_constants({f: named[f] for f in fqns}, False, True, True, False)
         return package
 
     @property
@@ -120,7 +120,7 @@ class GraphRunner:
         __call__ re-parses its pytree spec on every call). `width`: block-table columns to pass (a
         CPU reads only as far as the step's longest sequence; CUDA graphs were captured at full width)."""
         args = [*self._inputs[key].args(width), *(t for c in caches for t in c)]
-        return self._packages[key].loader.boxed_run(args)[0]
+        return self._packages[key].boxed_run(args)[0]
 
     def _replay(self, key: tuple[str, int], cache: KVCache) -> Tensor:
         """CUDA graphs read fixed addresses: the first step on a cache captures every bucket
@@ -149,11 +149,10 @@ class GraphRunner:
         self._graph_cache = cache
 
 
-def _load_package(path: Path):
-    """An AOTInductor package's runner, built the way torch's own loader falls back to. Not
-    `aoti_load_package`: before loading, that probes the CPU's vector ISA by compiling C++ test
-    programs (~6 s and a C++ compiler on a fresh machine) only to warn on a mismatch, which the
-    manifest check has already ruled out."""
-    from torch._inductor.package.package import AOTICompiledModel
-
-    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1))
+def _load_package(path: Path) -> torch._C._aoti.AOTIModelPackageLoader:
+    """An AOTInductor package's loader, called directly. Not `aoti_load_package` (nor its
+    AOTICompiledModel wrapper): importing torch._inductor for those imports Dynamo and the
+    compiler, ~2 s of every start, and before loading it probes the CPU's vector ISA by compiling
+    C++ test programs (~6 s and a C++ compiler on a fresh machine) only to warn on a mismatch,
+    which the manifest check has already ruled out."""
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
