@@ -5,8 +5,9 @@ and decode step latency compiled vs eager.
 
 Cold compile = `glm5c compile` in a fresh process with an empty inductor cache. Ready = a fresh
 process constructing `LLM(model, artifacts=DIR)` (imports, weights, graphs) until it could run a
-step; it must compile nothing (the count is printed). Decode = per-step time of greedy
-generation: the median of its decode-only steps (the engine's step clock), same process.
+step; it must compile nothing (the count is printed). Decode = the median time of the steps in
+which all of a batch's requests decode together (--input-len-token prompts), engine step clock,
+same process.
 On a GPU (--device cuda, BF16) it also reports CUDA graph capture time and memory against the
 compile-time estimate, and at batch 1 the graph replay time against the sum of its kernels' times.
 """
@@ -42,16 +43,33 @@ def _fresh(args: list[str], env: dict | None = None) -> tuple[float, str]:
     return time.perf_counter() - t, out
 
 
-def _decode_ms(llm, batch: int, n: int) -> float:
-    """Median step time over the decode-only steps of a greedy generation of n tokens (after a
-    warm-up run), from the engine's own step clock."""
+def _decode_ms(llm, batch: int, n: int, input_len: int) -> float:
+    """Median time of the steps in which all `batch` requests decode together (every prompt
+    prefilled, none finished), from the engine's own step clock, after a warm-up generation. (Not
+    the tail of a generate call: with buckets up to 16, 16 prompts prefill in turns and finish in
+    turns, so its last steps hold fewer requests.)"""
     from glm5c import SamplingParams
 
-    prompts = torch.randint(22, 1300, (batch, 32), generator=torch.Generator().manual_seed(batch)).tolist()
+    prompts = torch.randint(22, 1300, (batch, input_len), generator=torch.Generator().manual_seed(batch)).tolist()
     params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     llm.generate(prompts, params)
-    llm.generate(prompts, params)
-    return statistics.median(llm.engine.step_times_s[-(n - 1) :]) * 1e3
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        engine.add_request(f"decode-{batch}-{i}", p, params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill, in as many steps as the buckets need
+        started |= {o.request_id for o in engine.step()}
+    times = []
+    while True:
+        outputs = engine.step()
+        if len(outputs) < batch or any(o.finished for o in outputs):
+            break
+        times.append(engine.step_times_s[-1])
+    while engine.has_unfinished():
+        engine.step()
+    if not times:
+        raise ValueError(f"no step decoded all {batch} requests together: raise --new-tokens or lower --input-len")
+    return statistics.median(times) * 1e3
 
 
 def _gpu_graphs(llm, manifest) -> dict:
@@ -72,7 +90,7 @@ def _gpu_graphs(llm, manifest) -> dict:
     batch = build_step_batch([SeqChunk([100], 5, [0])], runner.block_size, cache.pad_slot, "cuda",
                              max_blocks=runner.max_blocks)  # fmt: skip
     runner(batch, cache)
-    graph, _ = runner._graphs[1]
+    graph, _ = runner._graphs[("step", 1)]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(200):
@@ -97,6 +115,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--input-len", type=int, default=8,
+                        help="prompt tokens per request (short: with small buckets, prompts prefill in turns)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -128,12 +148,14 @@ def main() -> None:
         gpu = _gpu_graphs(compiled, manifest) if cuda else None
         rows = []
         for batch in args.batch:
-            e, c = _decode_ms(eager, batch, args.new_tokens), _decode_ms(compiled, batch, args.new_tokens)
+            e = _decode_ms(eager, batch, args.new_tokens, args.input_len)
+            c = _decode_ms(compiled, batch, args.new_tokens, args.input_len)
             rows.append({"batch": batch, "eager_step_ms": e, "compiled_step_ms": c, "speedup": e / c})
     report = {
         "model": model,
         "buckets": [b.tokens for b in manifest.buckets],
         "compile_s_per_bucket": {b.tokens: b.compile_s for b in manifest.buckets},
+        "mtp_compile_s_per_bucket": {b.tokens: b.compile_s for b in manifest.mtp_buckets},
         "cold_compile_process_s": cold_s,
         "ready_with_artifacts_process_s": ready_s,
         "ready_with_artifacts_in_process_s": float(ready_inner_s),
@@ -145,7 +167,7 @@ def main() -> None:
         "torch": str(torch.__version__),
     }
     print(f"cold compile ({len(manifest.buckets)} buckets): {cold_s:.1f} s; per bucket "
-          f"{report['compile_s_per_bucket']}")  # fmt: skip
+          f"{report['compile_s_per_bucket']}, their MTP-layer graphs {report['mtp_compile_s_per_bucket']}")  # fmt: skip
     print(f"ready with artifacts: {ready_s:.2f} s ({ready_s / cold_s:.1%} of the cold compile; target <= 10%), "
           f"{compiles} compilations; eager start {eager_ready_s:.2f} s")  # fmt: skip
     for r in rows:

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +131,19 @@ def test_bench_engine_runs_compiled_and_mtp(tiny_dir, tiny_artifacts, tmp_path):
         m = report["mtp"][name]
         assert m["k"] == 2 and m["mean_accept_length"] >= 1 and m["draft_ms"] > 0 and m["break_even_accept_length"] > 0
     assert "MTP k=2, compiled" in run.stdout
+
+
+def test_bench_compile_runs(tiny_dir, tmp_path):
+    """bench/bench_compile.py on the tiny model: a cold compile of one bucket (and its MTP graph),
+    a fresh start from the artifacts with no compilation, and decode steps with every request in."""
+    out = tmp_path / "compile.json"
+    run = subprocess.run([sys.executable, "bench/bench_compile.py", "--model", str(tiny_dir), "--buckets", "4",
+                          "--max-model-len", "64", "--batch", "1", "3", "--new-tokens", "16", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["compilations_at_load"] == 0 and list(report["mtp_compile_s_per_bucket"]) == ["4"]
+    assert [r["batch"] for r in report["decode"]] == [1, 3] and all(r["compiled_step_ms"] > 0 for r in report["decode"])
 
 
 SERVE_FIELDS = ("date", "machine", "git_commit", "command", "backend", "model_id", "num_prompts", "request_rate", "burstiness", "max_concurrency",
