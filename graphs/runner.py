@@ -126,18 +126,23 @@ class GraphRunner:
         """CUDA graphs read fixed addresses: the first step on a cache captures every bucket
         against it (one shared memory pool); later steps replay."""
         if self._graph_cache is not cache:
-            self.capture(cache)
+            self.capture(cache, keep=key)
         graph, out = self._graphs[key]
         graph.replay()
         return out
 
-    def capture(self, cache: KVCache) -> None:
+    def capture(self, cache: KVCache, keep: tuple[str, int] | None = None) -> None:
+        """Capture every graph against `cache`. Warming up runs each graph once for real: all but
+        `keep` (the bucket holding the current step) first get inputs that only touch the
+        scratch block, so no warm-up writes into a sequence's cache entries."""
         self._graphs.clear()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         # largest first, so smaller ones reuse its pool; MTP graphs after the main ones
         for key in sorted(self._packages, key=lambda k: (k[0] != "step", -k[1])):
             caches = self._cache_args(key[0], cache)
+            if key != keep:
+                self._inputs[key].clear(cache.pad_slot, self.block_size)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 self._run(key, caches)  # warm up outside the graph

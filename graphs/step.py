@@ -128,6 +128,16 @@ class StaticInputs:
             self.hidden[:n].copy_(hidden)
             self.hidden[n:] = 0
 
+    def clear(self, pad_slot: int, block_size: int) -> None:
+        """Inputs of no real token: every token pads (writes only the scratch slot, reads only scratch blocks)."""
+        for t in (self.token_ids, self.positions, self.seq_ids):
+            t.zero_()
+        self.slot_mapping.fill_(pad_slot)
+        self.block_tables.fill_(pad_slot // block_size)
+        self.seq_lens.fill_(1)
+        if self.hidden is not None:
+            self.hidden.zero_()
+
     def args(self, width: int | None = None) -> tuple[Tensor, ...]:
         """The graph's inputs; `width`: pass only the first `width` columns of the block tables."""
         tables = self.block_tables if width is None else self.block_tables[:, :width].contiguous()

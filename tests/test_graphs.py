@@ -151,6 +151,23 @@ def test_artifacts_without_mtp_graphs_are_refused_for_speculation(tiny_dir, arti
         LLM(tiny_dir, artifacts=old, engine_config=EngineConfig(num_speculative_tokens=2))
 
 
+def test_cleared_inputs_touch_only_the_scratch_block(compiled):
+    """What a CUDA graph's warm-up runs for buckets other than the current step's (runner.capture):
+    main and MTP graphs on cleared inputs leave every real cache entry as it was."""
+    runner = compiled.runner
+    cache = runner.new_cache(num_blocks=8)
+    g = torch.Generator().manual_seed(7)
+    for t in cache.latent + [k for k in cache.index_k if k is not None]:
+        t.copy_(torch.randn(t.shape, generator=g))
+    before = [t[:-1].clone() for t in cache.latent + [k for k in cache.index_k if k is not None]]
+    for key in sorted(runner._packages):
+        runner._inputs[key].clear(cache.pad_slot, runner.block_size)
+        with torch.inference_mode():
+            runner._run(key, runner._cache_args(key[0], cache))
+    after = [t[:-1] for t in cache.latent + [k for k in cache.index_k if k is not None]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
