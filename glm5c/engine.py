@@ -73,6 +73,9 @@ class Engine:
                 raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
             dtype = _DTYPES[dtype]
         self.device = torch.device(device)
+        from .graphs.compile import compile_count  # (imports no compiler)
+
+        self._compiles_at_start = compile_count()
         self.runner = None
         if artifacts is not None:
             from .graphs.compile import compiled_ops
@@ -144,14 +147,20 @@ class Engine:
         return self.scheduler.abort(request_id) is not None
 
     def stats(self) -> dict[str, float]:
-        """A snapshot for monitoring: queue lengths, KV blocks, prefix-cache hits, tokens generated."""
+        """A snapshot for monitoring: queue lengths, KV blocks, prefix-cache hits, tokens generated,
+        graphs compiled since the engine started (0 with valid artifacts), MTP acceptance."""
+        from .graphs.compile import compile_count
+
         cache = self.blocks.stats
+        drafts = self.drafter.stats if self.drafter is not None else None
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "kv_blocks_free": self.blocks.num_free_blocks, "kv_blocks_total": self.blocks.num_blocks,
             "prefix_cache_hit_rate": cache.hit_blocks / cache.queried_blocks if cache.queried_blocks else 0.0,
             "generated_tokens": self.generated_tokens, "max_model_len": self.max_model_len,
-            "vocab_size": self.model_config.vocab_size,
+            "vocab_size": self.model_config.vocab_size, "compilations": compile_count() - self._compiles_at_start,
+            "draft_acceptance_rate": drafts.acceptance_rate if drafts else 0.0,
+            "draft_mean_accept_length": drafts.mean_accept_length if drafts else 0.0,
         }  # fmt: skip
 
     def has_unfinished(self) -> bool:

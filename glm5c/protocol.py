@@ -156,6 +156,9 @@ class Stats(Struct, tag="stats", tag_field="type"):
     generated_tokens: int
     max_model_len: int = 0  # the longest prompt + max_tokens the server accepts
     vocab_size: int = 0  # token ids must be below this
+    compilations: int = 0  # graphs the serving worker compiled since it started (0 with valid artifacts)
+    draft_acceptance_rate: float = 0.0  # MTP speculative decoding: accepted / drafted tokens (0 when off)
+    draft_mean_accept_length: float = 0.0  # tokens emitted per verify step per request (0 when off)
 
 
 ClientMessage = Union[GenerateRequest, Cancel, HealthCheck, StatsRequest]

@@ -112,6 +112,22 @@ def wait_idle(client: Client, timeout_s: float = 10.0) -> p.Stats:
         time.sleep(0.05)
 
 
+def test_serving_compiled_graphs_with_mtp(tiny_dir, tiny_artifacts, llm):
+    """`glm5c serve --artifacts ... --speculative-tokens 2`: the worker runs the compiled main and
+    MTP graphs, greedy text equals the eager in-process engine's, and the stats report no
+    compilation and the drafts' acceptance."""
+    from glm5c import SamplingParams
+
+    args = ["--model", str(tiny_dir), "--port", "0", "--artifacts", str(tiny_artifacts), "--speculative-tokens", "2"]
+    expected = llm.generate("Once upon a time", SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    with ServerProcess(args, START_S) as srv, Client(srv.address, timeout_s=60) as client:
+        final = client.complete("Once upon a time", max_tokens=12, temperature=0.0, ignore_eos=True)
+        assert final.text == expected.text
+        stats = wait_idle(client)
+        assert stats.compilations == 0 and stats.draft_mean_accept_length >= 1.0
+        assert 0.0 <= stats.draft_acceptance_rate <= 1.0
+
+
 def test_cancel_and_client_disconnect_free_kv_blocks(server):
     long = dict(max_tokens=3000, temperature=0.0, ignore_eos=True)
     with Client(server.address, timeout_s=30) as client:

@@ -91,7 +91,8 @@ class Detokenizer:
                 s = message.stats
                 reply = p.Stats(int(s["running"]), int(s["waiting"]), int(s["kv_blocks_free"]),
                                 int(s["kv_blocks_total"]), s["prefix_cache_hit_rate"], int(s["generated_tokens"]),
-                                int(s["max_model_len"]), int(s["vocab_size"]))  # fmt: skip
+                                int(s["max_model_len"]), int(s["vocab_size"]), int(s["compilations"]),
+                                s["draft_acceptance_rate"], s["draft_mean_accept_length"])  # fmt: skip
             self.replies.send_multipart([self._epoch_frame, message.identity, b"", b"0", p.encode(reply)])
 
     def accept(self, key: str, spec: RequestSpec) -> None:
