@@ -1,6 +1,6 @@
 """The `glm5c` command.
 
-    glm5c compile  [--model DIR] --out ARTIFACTS [--buckets 1,2,4,8] [--device cpu|cuda] [--max-model-len N]
+    glm5c compile  [--model DIR] --out ARTIFACTS [--buckets 1,2,4,8] [--device cpu|cuda] [--max-model-len N] [--no-mtp]
     glm5c generate [--model DIR] [--artifacts ARTIFACTS] [--prompt TEXT ...] [--chat] [--max-tokens N]
     glm5c serve    [--model DIR] [--artifacts ARTIFACTS] [--host 127.0.0.1] [--port 5555] [--curve-keys DIR]
     glm5c keys     --out DIR
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
     comp.add_argument("--max-model-len", type=_positive_int, help="longest sequence (default: min(context, 8192))")
     comp.add_argument("--fp8-index-cache", action="store_true", help="keep the DSA indexer keys in FP8 (GPUs sm_89+)")
+    comp.add_argument("--no-mtp", action="store_true",
+                      help="leave out the MTP layer's graphs (shorter compile; speculative decoding then refuses them)")
 
     gen = sub.add_parser("generate", help="generate text for one or more prompts, in-process")
     gen.add_argument("--model", help="Hugging Face model directory (default: the built-in mini model)")
@@ -173,7 +175,7 @@ def _compile(args: argparse.Namespace) -> None:
     print(f"compiling {model} for {args.device}: {len(buckets.sizes)} buckets {list(buckets.sizes)}", flush=True)
     manifest = compile_artifacts(
         model, args.out, buckets, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        max_model_len=args.max_model_len, fp8_index_cache=args.fp8_index_cache,
+        max_model_len=args.max_model_len, fp8_index_cache=args.fp8_index_cache, mtp=not args.no_mtp,
         progress=lambda line: print(line, flush=True),
     )  # fmt: skip
     mtp = f" + {len(manifest.mtp_buckets)} MTP-layer graphs" if manifest.mtp_buckets else ""

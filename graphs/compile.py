@@ -139,13 +139,15 @@ def compile_artifacts(
     block_size: int = 16,
     max_model_len: int | None = None,
     fp8_index_cache: bool = False,
+    mtp: bool = True,
     progress: Callable[[str], None] = print,
     op_set: tuple[Ops, dict[str, str]] | None = None,
 ) -> Manifest:
     """Compile every bucket into out_dir (replacing an older artifact directory there) and write
     the manifest last, atomically: an interrupted compile leaves no directory that looks valid.
     `op_set` (ops, their names) replaces ops_for's choice, for experiments that time other ops
-    (bench/cpu_graph_ops.py); an engine refuses such artifacts (its ops differ from ops_for's)."""
+    (bench/cpu_graph_ops.py); an engine refuses such artifacts (its ops differ from ops_for's).
+    `mtp`: also compile the MTP layer's graph per bucket (when the checkpoint has the layer)."""
     _count_inductor_compiles()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
@@ -190,7 +192,7 @@ def compile_artifacts(
                                             _graph_memory(model, tokens, max_blocks, block_size, torch_device,
                                                           index_dtype)))  # fmt: skip
             line = f"[{i}/{len(buckets.sizes)}] bucket {tokens:5d} tokens compiled in {seconds:6.1f} s"
-            if model.mtp is not None:  # the MTP layer's graph for the same bucket (speculative decoding)
+            if mtp and model.mtp is not None:  # the MTP layer's graph for the same bucket (speculative decoding)
                 t = time.perf_counter()
                 program = export_mtp_step(model, tokens, max_blocks, block_size, torch_device, index_dtype)
                 mtp_name = f"mtp_{tokens}.pt2"
@@ -217,6 +219,7 @@ def compile_artifacts(
             constants_signature=constants_signature(StepModule(model)),
             buckets=artifacts,
             mtp_buckets=mtp_artifacts,
+            mtp_left_out=not mtp and model.mtp is not None,
             compile_s=round(time.perf_counter() - start, 2),
         )
         manifest.write(stage)

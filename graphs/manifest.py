@@ -51,6 +51,7 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
     compile_s: float
     # the MTP layer's graph per bucket (empty: a model without MTP, or built by a glm5c that had none)
     mtp_buckets: list[BucketArtifact] = []
+    mtp_left_out: bool = False  # built with --no-mtp
 
     @property
     def max_blocks(self) -> int:
@@ -100,11 +101,16 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True):
                 + self.rebuild_command(artifacts_dir, model_dir, device, dtype)
             )
 
-    def rebuild_command(self, artifacts_dir: str | Path, model_dir: str | Path, device: str, dtype: str) -> str:
+    def rebuild_command(self, artifacts_dir: str | Path, model_dir: str | Path, device: str, dtype: str,
+                        mtp: bool | None = None) -> str:  # fmt: skip
+        """The `glm5c compile` command that rebuilds these artifacts; `mtp`: with or without the MTP
+        layer's graphs (default: as they were built)."""
         buckets = ",".join(str(b.tokens) for b in self.buckets)
+        no_mtp = self.mtp_left_out if mtp is None else not mtp
         return (f"glm5c compile --model {model_dir} --out {artifacts_dir} --device {device} --dtype {dtype} "
                 f"--buckets {buckets} --max-model-len {self.max_model_len} --block-size {self.block_size}"
-                + (" --fp8-index-cache" if self.index_cache_dtype == "float8_e4m3fn" else ""))  # fmt: skip
+                + (" --fp8-index-cache" if self.index_cache_dtype == "float8_e4m3fn" else "")
+                + (" --no-mtp" if no_mtp else ""))  # fmt: skip
 
 
 def environment(device: str) -> dict[str, str | None]:

@@ -72,12 +72,13 @@ class GraphRunner:
 
     def require_mtp(self) -> None:
         """Speculative decoding runs the MTP layer through these artifacts: refuse ones without its
-        graphs (built before glm5c compiled it) with the command that rebuilds them."""
+        graphs (built with --no-mtp, or before glm5c compiled it) with the command that rebuilds them."""
         if self.model.mtp is not None and not self.has_mtp:
             m = self.manifest
             raise StaleArtifactsError(
-                f"artifacts in {self.dir} hold no graphs for the MTP layer, which speculative decoding runs. "
-                "Rebuild them: " + m.rebuild_command(self.dir, m.model_dir, m.device, m.dtype)
+                f"artifacts in {self.dir} hold no graphs for the MTP layer, which speculative decoding runs"
+                + (" (built with --no-mtp). " if m.mtp_left_out else ". ")
+                + "Rebuild them: " + m.rebuild_command(self.dir, m.model_dir, m.device, m.dtype, mtp=True)
             )
 
     @property

@@ -168,6 +168,22 @@ def test_cleared_inputs_touch_only_the_scratch_block(compiled):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+def test_compile_without_mtp_graphs(tiny_dir, tmp_path):
+    """--no-mtp leaves the MTP layer out: plain decoding runs, speculative decoding is refused
+    with a rebuild command that includes it, and a stale-artifacts command keeps --no-mtp."""
+    from glm5c.cli import main
+    from glm5c.engine import EngineConfig
+
+    out = tmp_path / "no-mtp"
+    assert main(["compile", "--model", str(tiny_dir), "--out", str(out), "--buckets", "2", "--max-model-len", "32",
+                 "--block-size", "4", "--no-mtp"]) == 0  # fmt: skip
+    llm = LLM(tiny_dir, artifacts=out)
+    assert not llm.runner.has_mtp and llm.runner.manifest.mtp_left_out
+    assert "--no-mtp" in llm.runner.manifest.rebuild_command(out, tiny_dir, "cpu", "float32")
+    with pytest.raises(StaleArtifactsError, match=r"\(built with --no-mtp\)\. Rebuild them: glm5c compile .*--block-size 4$"):
+        LLM(tiny_dir, artifacts=out, engine_config=EngineConfig(num_speculative_tokens=1))
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst
