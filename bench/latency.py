@@ -167,10 +167,12 @@ def run(args: argparse.Namespace) -> dict:
         bandwidth = max(bandwidth_probes)
         peak = matmul_peak_flops_per_s(args.device, llm.model.dtype)
         context = args.input_len + args.output_len // 2  # the average context over the decode
+        # with MTP a step's forward verifies 1 + K tokens per request (its drafting is not counted)
+        tokens = args.batch_size * (1 + args.speculative_tokens)
         result["roofline"] = {
             "read_bandwidth_GBps": bandwidth / 1e9, "matmul_peak_TFLOPs": peak / 1e12,
             "read_bandwidth_probes_GBps": [round(b / 1e9, 1) for b in bandwidth_probes],
-            **roofline(llm.model, args.batch_size, context, statistics.median(all_steps), bandwidth, peak),
+            **roofline(llm.model, tokens, context, statistics.median(all_steps), bandwidth, peak),
         }  # fmt: skip
     if args.eager:
         eager_lat = [it["latency_s"] for it in timed["eager"]]
@@ -226,7 +228,9 @@ def report(result: dict) -> str:
                      f"  ({s['steps']} steps)")  # fmt: skip
     if "roofline" in result:
         r = result["roofline"]
-        lines.append(f"  roofline: a decode step moves {r['bytes'] / 1e6:.2f} MB and does {r['flops'] / 1e9:.3f} GFLOP; "
+        what = (f"a verify forward ({r['batch']} tokens; drafting not counted)" if result["speculative_tokens"]
+                else "a decode step")
+        lines.append(f"  roofline: {what} moves {r['bytes'] / 1e6:.2f} MB and does {r['flops'] / 1e9:.3f} GFLOP; "
                      f"floor {max(r['memory_floor_ms'], r['compute_floor_ms']):.3f} ms ({r['bound']}-bound at "
                      f"{r['read_bandwidth_GBps']:.1f} GB/s{_probes(r)}, {r['matmul_peak_TFLOPs']:.2f} TFLOP/s) = "
                      f"{r['floor_over_step']:.1%} of the median step")  # fmt: skip
