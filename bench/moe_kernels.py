@@ -216,12 +216,9 @@ class Bench:
                         s.inter, s.hidden, bucket)  # fmt: skip
         down_args = (h, hs, order, group_ends, s.experts, self.wd, self.scales[2], y, s.hidden, s.inter, bucket)
         const = {"DOT_PRECISION": "tf32"}
-        combine_grid = (t, -(-s.hidden // moe_triton._COMBINE_BLOCK_D))
 
         def combine() -> None:
-            moe_triton._combine_kernel[combine_grid](
-                y, ids, weights, out, 0, s.experts, s.hidden, TOP_K=s.top_k, BLOCK_D=moe_triton._COMBINE_BLOCK_D
-            )
+            moe_triton.combine(y, ids, weights, 0, s.experts, out)
 
         w_bytes = active * s.inter * s.hidden  # one FP8 projection of every active expert
         scale_bytes = w_bytes // (128 * 128) * 4

@@ -61,8 +61,11 @@ class GraphRunner:
         missing = [f for f in fqns if f not in named]
         if missing:
             raise StaleArtifactsError(f"{bucket.file} expects weights this model lacks: {missing[:5]}")
-        # (constants, use_runtime_constant_folding, check_full_update, user_managed, allow_h2d_copy)
-        package.load_constants({f: named[f] for f in fqns}, False, True, True, False)
+        constants = {f: named[f] for f in fqns}
+        try:  # (constants, use_runtime_constant_folding, check_full_update, user_managed, allow_h2d_copy)
+            package.load_constants(constants, False, True, True, False)
+        except TypeError:  # torch before 2.13 (the GPU machines' 2.11): no allow_h2d_copy
+            package.load_constants(constants, False, True, True)
         return package
 
     @property
@@ -161,4 +164,7 @@ def _load_package(path: Path) -> torch._C._aoti.AOTIModelPackageLoader:
     compiler, ~2 s of every start, and before loading it probes the CPU's vector ISA by compiling
     C++ test programs (~6 s and a C++ compiler on a fresh machine) only to warn on a mismatch,
     which the manifest check has already ruled out."""
-    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    # (path, model name, run_single_threaded, num_runners, device_index). Single-threaded: the
+    # multi-runner container queries and records a CUDA event around every run, which a stream
+    # under CUDA-graph capture refuses (and which this one-caller runner does not need).
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)

@@ -134,6 +134,16 @@ def test_bench_engine_runs_compiled_and_mtp(tiny_dir, tiny_artifacts, tmp_path):
     assert "MTP k=2, compiled" in run.stdout
 
 
+@pytest.mark.parametrize("script", ["bench/moe_kernels.py", "bench/dsa_kernels.py"])
+def test_kernel_benches_smoke_run(script):
+    """The GPU kernel benchmarks' own code path, small and under Triton's interpreter, so that it
+    does not rot between device runs (a stale kernel call once waited for a GPU to fail)."""
+    run = subprocess.run([sys.executable, script, "--interpret", "--small"], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+
 def test_bench_compile_runs(tiny_dir, tmp_path):
     """bench/bench_compile.py on the tiny model: a cold compile of one bucket (and its MTP graph),
     a fresh start from the artifacts with no compilation, and decode steps with every request in."""
