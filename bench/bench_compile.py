@@ -80,13 +80,16 @@ def _gpu_graphs(llm, manifest) -> dict:
 
     runner = llm.runner
     cache = runner.new_cache(num_blocks=256)
+    runner._graphs.clear()  # drop the graphs the engine captured at load, and their pool
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
+    torch.cuda.empty_cache()
+    # reserved, not allocated: after capture the intermediates lie freed inside the graphs' private pool
+    before = torch.cuda.memory_reserved()
     t = time.perf_counter()
     runner.capture(cache)
     torch.cuda.synchronize()
     capture_s = time.perf_counter() - t
-    graph_bytes = torch.cuda.memory_allocated() - before
+    graph_bytes = torch.cuda.memory_reserved() - before
     batch = build_step_batch([SeqChunk([100], 5, [0])], runner.block_size, cache.pad_slot, "cuda",
                              max_blocks=runner.max_blocks)  # fmt: skip
     runner(batch, cache)
@@ -103,7 +106,7 @@ def _gpu_graphs(llm, manifest) -> dict:
         torch.cuda.synchronize()
     kernel_us = sum(e.device_time for e in prof.events() if e.device_type.name == "CUDA")
     # the graphs share one pool, captured largest first: they should need about the largest bucket's memory
-    estimate = max(b.graph_memory_bytes or 0 for b in manifest.buckets)
+    estimate = runner.graph_memory_bytes  # what the engine reserves for them when it sizes the KV cache
     return {"capture_s": capture_s, "graph_memory_bytes": graph_bytes, "graph_memory_estimate_bytes": estimate,
             "replay_us": replay_us, "kernel_sum_us": kernel_us, "replay_over_kernels": replay_us / max(kernel_us, 1e-9)}
 

@@ -95,14 +95,18 @@ class Engine:
             block_size = self.runner.block_size
             max_tokens = min(max_tokens, self.runner.buckets.largest)
             self.max_model_len = self.runner.manifest.max_model_len
+        graphs_bytes = self.runner.graph_memory_bytes if self.runner is not None else 0
         num_blocks = config.num_blocks or default_num_blocks(
-            self.model_config, block_size, self.model.dtype, self.device, self.max_model_len, config.max_seqs
+            self.model_config, block_size, self.model.dtype, self.device, self.max_model_len, config.max_seqs,
+            reserve_bytes=graphs_bytes,
         )
         index_dtype = torch.float8_e4m3fn if config.fp8_index_cache else None
         if self.runner is not None:
             index_dtype = self.runner.index_dtype
         self.cache = KVCache(self.model_config, num_blocks, block_size, self.model.dtype, self.device,
                              index_dtype=index_dtype)  # fmt: skip
+        if self.runner is not None and self.device.type == "cuda":
+            self.runner.capture(self.cache)  # at load, not in the first request's time to first token
         self.blocks = BlockManager(num_blocks, block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_tokens, config.max_seqs, config.max_waiting)
         k = config.num_speculative_tokens
@@ -293,16 +297,18 @@ def _logprobs_by_request(seqs: list[Sequence], result) -> dict[str, tuple[float,
 
 
 def default_num_blocks(
-    config: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device, max_model_len: int, max_seqs: int
+    config: ModelConfig, block_size: int, dtype: torch.dtype, device: torch.device, max_model_len: int, max_seqs: int,
+    reserve_bytes: int = 0,
 ) -> int:
-    """Blocks for the KV cache: on a GPU 90% of the memory still free after weights and graphs,
-    on a CPU 256 MiB or an eighth of the available memory, whichever is smaller (pass
-    EngineConfig.num_blocks for more); never more than max_seqs full-length sequences."""
+    """Blocks for the KV cache: on a GPU 90% of the memory still free after the weights and
+    `reserve_bytes` (the CUDA graphs, captured after the cache exists), on a CPU 256 MiB or an
+    eighth of the available memory, whichever is smaller (pass EngineConfig.num_blocks for more);
+    never more than max_seqs full-length sequences."""
     probe = KVCache(config, 1, block_size, dtype, "meta")
     bytes_per_block = probe.bytes_per_token * block_size
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * 0.9)
+        budget = int(max(free - reserve_bytes, 0) * 0.9)
     else:
         budget = min(_available_memory_bytes() // 8, 256 << 20)
     wanted = max_seqs * -(-max_model_len // block_size)

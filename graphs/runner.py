@@ -69,6 +69,14 @@ class GraphRunner:
         return package
 
     @property
+    def graph_memory_bytes(self) -> int:
+        """Memory the CUDA graphs will hold (0 on a CPU): they share one pool, captured largest
+        first, so about the largest bucket's compile-time estimate; a quarter more for the MTP
+        layer's graphs and the pool's fragmentation."""
+        estimates = [b.graph_memory_bytes or 0 for b in self.manifest.buckets]
+        return int(max(estimates, default=0) * 1.25)
+
+    @property
     def has_mtp(self) -> bool:
         """Whether the artifacts hold the MTP layer's graphs (one per bucket)."""
         return bool(self.manifest.mtp_buckets) and self.model.mtp is not None
@@ -127,8 +135,8 @@ class GraphRunner:
         return self._packages[key].boxed_run(args)[0]
 
     def _replay(self, key: tuple[str, int], cache: KVCache) -> Tensor:
-        """CUDA graphs read fixed addresses: the first step on a cache captures every bucket
-        against it (one shared memory pool); later steps replay."""
+        """CUDA graphs read fixed addresses: the engine captures every bucket against its cache at
+        load (one shared memory pool); a step on another cache captures against that one first."""
         if self._graph_cache is not cache:
             self.capture(cache, keep=key)
         graph, out = self._graphs[key]

@@ -33,6 +33,9 @@ SECTIONS: list[tuple[str, list[str], int]] = [
     # compiled Triton kernels (tests/conftest.py defaults to the interpreter, for the CPU)
     ("gpu-tests", ["env", "TRITON_INTERPRET=0", sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
                    "no:cacheprovider", "tests"], 300),  # fmt: skip
+    # the DSA kernel tests (no `gpu` marker: on a CPU they run under the interpreter) compiled on the GPU
+    ("dsa-triton-tests", ["env", "TRITON_INTERPRET=0", sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "tests/test_dsa_triton.py"], 240),  # fmt: skip
     ("dsa-kernels", [sys.executable, "bench/dsa_kernels.py"], 240),
     ("moe-kernels", [sys.executable, "bench/moe_kernels.py", "--cutlass"], 300),
     ("graphs", [sys.executable, "bench/bench_compile.py", "--device", "cuda", "--buckets", "1,8",
