@@ -189,6 +189,8 @@ class Engine:
         with torch.inference_mode():
             hidden = self.runner(batch, self.cache) if self.runner else self.model(batch, self.cache)
             logits = self.model.logits(hidden[batch.logits_indices])  # [N, vocab]
+        if self.device.type == "cuda":  # time the forward, not its launch (sampling syncs right after anyway)
+            torch.cuda.synchronize(self.device)
         self.forward_times_s.append(time.perf_counter() - t)
         outputs, catch_ups = self._advance(chunks, hidden, logits)
         if self.drafter is not None:
