@@ -123,6 +123,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    for flag, least in (("input_len", 1), ("new_tokens", 2)):
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag.replace('_', '-')} must be >= {least}, got {getattr(args, flag)}")
+    if any(b < 1 for b in args.batch):
+        parser.error(f"--batch sizes must be >= 1, got {args.batch}")
     cuda = args.device.startswith("cuda")
     extra = ["--device", args.device, "--dtype", "bfloat16"] if cuda else []
     kw = {"device": args.device, "dtype": "bfloat16"} if cuda else {}

@@ -134,6 +134,14 @@ def test_bench_engine_runs_compiled_and_mtp(tiny_dir, tiny_artifacts, tmp_path):
     assert "MTP k=2, compiled" in run.stdout
 
 
+@pytest.mark.parametrize("argv,message", [(["--input-len", "0"], "--input-len must be >= 1"),
+                                          (["--batch", "4", "0"], "--batch sizes must be >= 1")])  # fmt: skip
+def test_bench_compile_bad_flags(argv, message):
+    run = subprocess.run([sys.executable, "bench/bench_compile.py", *argv], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize("script", ["bench/moe_kernels.py", "bench/dsa_kernels.py"])
 def test_kernel_benches_smoke_run(script):
     """The GPU kernel benchmarks' own code path, small and under Triton's interpreter, so that it
