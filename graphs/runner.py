@@ -128,9 +128,9 @@ class GraphRunner:
         return cache_args(cache, layers) if kind == "step" else mtp_cache_args(cache, layers)
 
     def _run(self, key: tuple[str, int], caches: tuple[list[Tensor], ...], width: int | None = None) -> Tensor:
-        """Call the package with its inputs already flat, in StepModule's order (the package's own
-        __call__ re-parses its pytree spec on every call). `width`: block-table columns to pass (a
-        CPU reads only as far as the step's longest sequence; CUDA graphs were captured at full width)."""
+        """Call the package's loader with the inputs flat, in StepModule's (or MTPStepModule's)
+        order. `width`: block-table columns to pass (a CPU reads only as far as the step's longest
+        sequence; CUDA graphs were captured at full width)."""
         args = [*self._inputs[key].args(width), *(t for c in caches for t in c)]
         return self._packages[key].boxed_run(args)[0]
 
