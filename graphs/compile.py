@@ -92,33 +92,24 @@ def min_table_blocks(config, block_size: int, max_blocks: int) -> int:
     return min(max_blocks, -(-config.index_topk // block_size))
 
 
-def export_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype):
-    """torch.export of one bucket's step, with the cache's block count and the block tables' width
-    left dynamic: a step reads keys only as far as its longest sequence needs (no shorter than
-    min_table_blocks), not the whole max_model_len."""
+def export_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype,
+                mtp: bool = False):  # fmt: skip
+    """torch.export of one bucket's step (`mtp`: of the MTP layer's step, MTPStepModule), with the
+    cache's block count and the block tables' width left dynamic: a step reads keys only as far as
+    its longest sequence needs (no shorter than min_table_blocks), not the whole max_model_len."""
     config = model.config
-    cache = KVCache(config, 2, block_size, model.dtype, device, config.num_hidden_layers, index_dtype)
-    inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device)
-    caches = cache_args(cache, config.num_hidden_layers)
-    blocks = torch.export.Dim("cache_blocks", min=2)
-    narrowest = min_table_blocks(config, block_size, max_blocks)
-    width = {1: torch.export.Dim("table_blocks", min=narrowest, max=max_blocks)} if narrowest < max_blocks else None
-    dynamic = (None,) * 4 + (width, None) + tuple([{0: blocks}] * len(c) for c in caches)
-    return torch.export.export(StepModule(model), (*inputs.args(), *caches), dynamic_shapes=dynamic, strict=False)
-
-
-def export_mtp_step(model, tokens: int, max_blocks: int, block_size: int, device: torch.device, index_dtype):
-    """torch.export of one bucket's MTP step (MTPStepModule), dynamic in the same dims as export_step."""
-    config = model.config
-    cache = KVCache(config, 2, block_size, model.dtype, device, config.num_layers_with_mtp, index_dtype)
-    hidden = (config.hidden_size, model.dtype)
+    layers = config.num_layers_with_mtp if mtp else config.num_hidden_layers
+    cache = KVCache(config, 2, block_size, model.dtype, device, layers, index_dtype)
+    hidden = (config.hidden_size, model.dtype) if mtp else None
     inputs = _example_inputs(tokens, max_blocks, block_size, cache.pad_slot, device, hidden)
-    caches = mtp_cache_args(cache, config.num_hidden_layers)
+    caches = (mtp_cache_args if mtp else cache_args)(cache, config.num_hidden_layers)
     blocks = torch.export.Dim("cache_blocks", min=2)
     narrowest = min_table_blocks(config, block_size, max_blocks)
     width = {1: torch.export.Dim("table_blocks", min=narrowest, max=max_blocks)} if narrowest < max_blocks else None
-    dynamic = (None,) * 4 + (width, None, None) + tuple([{0: blocks}] * len(c) for c in caches)
-    return torch.export.export(MTPStepModule(model), (*inputs.args(), *caches), dynamic_shapes=dynamic, strict=False)
+    args = inputs.args()  # token_ids, positions, seq_ids, slot_mapping, block_tables, seq_lens[, hidden]
+    dynamic = (None,) * 4 + (width,) + (None,) * (len(args) - 5) + tuple([{0: blocks}] * len(c) for c in caches)
+    module = MTPStepModule(model) if mtp else StepModule(model)
+    return torch.export.export(module, (*args, *caches), dynamic_shapes=dynamic, strict=False)
 
 
 def _example_inputs(tokens: int, max_blocks: int, block_size: int, pad_slot: int, device, hidden=None) -> StaticInputs:
@@ -194,7 +185,7 @@ def compile_artifacts(
             line = f"[{i}/{len(buckets.sizes)}] bucket {tokens:5d} tokens compiled in {seconds:6.1f} s"
             if mtp and model.mtp is not None:  # the MTP layer's graph for the same bucket (speculative decoding)
                 t = time.perf_counter()
-                program = export_mtp_step(model, tokens, max_blocks, block_size, torch_device, index_dtype)
+                program = export_step(model, tokens, max_blocks, block_size, torch_device, index_dtype, mtp=True)
                 mtp_name = f"mtp_{tokens}.pt2"
                 package(program, mtp_name)
                 mtp_seconds = time.perf_counter() - t
