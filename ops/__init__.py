@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dsa, fp8, moe
+from . import dsa, fp8, moe, moe_cpu  # moe_cpu registers glm5c::moe_experts_cpu, which CPU graphs call
 from .gemv import gemv
 
 

@@ -137,7 +137,7 @@ def experts_dense(
     """experts_ref's result with every token through every local expert as three batched GEMMs,
     each (token, expert) output then weighted by its routing weight (0 where not chosen). E/top_k
     times the flops of the sparse form but three calls instead of 3 x E: faster on a CPU while
-    tokens are few (see experts_cpu). BF16/FP32 weights only."""
+    tokens are few (bench/results/2026-11-29-cpu-experts.md). BF16/FP32 weights only."""
     _require_unquantized(scales, "experts_dense")
     n_experts, tokens = gate_proj.shape[0], x.shape[0]
     local = expert_ids - first_expert
@@ -165,9 +165,9 @@ def experts_gathered(
     """experts_ref's result reading only the chosen experts' weights: each (token, slot) pair runs
     its own expert's three matrix-vector products (`gemv`, the expert picked by an indexed load
     inside the loop). Reads T * top_k experts (repeats from cache) where experts_dense reads all
-    E_local and does E_local / top_k times the flops; faster compiled for up to ~2 pairs per
-    expert (see experts_cpu). Eagerly the indexing copies the chosen experts' weights. Pairs for other ranks'
-    experts read local expert 0 and weigh 0."""
+    E_local and does E_local / top_k times the flops; compiled (Inductor fuses the indexed load
+    into the loop) the fastest form for a few pairs (moe_cpu.experts). Eagerly the indexing copies
+    the chosen experts' weights. Pairs for other ranks' experts read local expert 0 and weigh 0."""
     _require_unquantized(scales, "experts_gathered")
     tokens, top_k = expert_ids.shape
     n_experts = gate_proj.shape[0]
@@ -182,30 +182,7 @@ def experts_gathered(
     return (y.float() * pair_weight).view(tokens, top_k, -1).sum(1).to(x.dtype)
 
 
-GATHERED_MAX_PAIRS_PER_EXPERT = 2  # experts_cpu: gathered while T * top_k <= this * E_local
-DENSE_MAX_ROWS_PER_EXPERT = 16  # then dense while T * top_k <= this * E_local
-
-
-def experts_cpu(
-    x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor,
-    scales: tuple[Tensor | None, Tensor | None, Tensor | None], first_expert: int,
-    linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-) -> Tensor:  # fmt: skip
-    """The CPU's compiled experts: only the chosen experts for few pairs (experts_gathered), then
-    dense batched GEMMs, then torch's grouped GEMM for many tokens. Shapes are static in a bucket's
-    graph, so each bucket gets one, chosen at trace time. Measured on mini, 2 cores: eager
-    (bench/cpu_experts.py) dense beats grouped 0.95-2.1x up to 64 tokens, grouped wins 1.4x at 128
-    and 3.3x at 256; compiled, whole decode graphs with dense instead of gathered experts ran
-    2.0x / 1.31x / 1.09x slower at batch 1 / 4 / 8 (up to 2 pairs per expert), and gathered ones
-    1.02x slower at 16, where re-reading an expert per pair costs more than dense's wasted flops
-    (bench/results/2026-11-30-cpu-gemv.md)."""
-    args = (x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear)
-    pairs = x.shape[0] * expert_ids.shape[1]
-    if pairs <= GATHERED_MAX_PAIRS_PER_EXPERT * gate_proj.shape[0] and torch.compiler.is_compiling():
-        return experts_gathered(*args)  # eagerly (the MTP layer) it would copy each pair's weights
-    if pairs <= DENSE_MAX_ROWS_PER_EXPERT * gate_proj.shape[0]:
-        return experts_dense(*args)
-    return experts_grouped_mm(*args)
+DENSE_MAX_ROWS_PER_EXPERT = 16  # moe_cpu's torch fallback: dense while T * top_k <= this * E_local, else grouped
 
 
 @torch.library.custom_op("glm5c::moe_experts", mutates_args=())

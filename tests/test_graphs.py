@@ -316,17 +316,17 @@ def test_cuda_graph_replay_equals_eager(tiny_dir, tmp_path):
 
 
 def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
-    """BF16 graphs compile the experts inline (no opaque op): on a CPU, in a small bucket only the
-    chosen experts (2 tokens x top-2 < 8 experts) and matrix-vector linears, in a large one torch's
-    grouped GEMM; each bucket matches the same math eagerly."""
+    """A CPU's BF16 graphs: in a small bucket matrix-vector linears, in both the experts kernel's
+    op (moe_cpu.experts; 2 tokens x top-2 = half of tiny's 8 experts, past the gathered form's
+    quarter); each bucket matches the same math eagerly."""
     out = tmp_path / "bf16"
     manifest = compile_artifacts(tiny_dir, out, Buckets((2, 128)), dtype="bfloat16", block_size=4, max_model_len=160,
                                  progress=lambda _: None)  # fmt: skip
-    assert manifest.ops["experts"] == "experts_cpu" and manifest.ops["linear"] == "linear_cpu" and manifest.dtype == "bfloat16"
+    assert manifest.ops["experts"] == "moe_cpu.experts" and manifest.ops["linear"] == "linear_cpu" and manifest.dtype == "bfloat16"
     compiled = LLM(tiny_dir, dtype="bfloat16", artifacts=out)
     eager_model = LLM(tiny_dir, dtype="bfloat16", ops=ops_for("cpu", "bfloat16")[0]).model
     runner = compiled.runner
-    # bucket 2 (gathered experts, gemv linears), and bucket 128 (grouped) from six 14-token prompts: each within
+    # bucket 2 (gemv linears), and bucket 128 from six 14-token prompts: each within
     # index_topk, so no bf16 near-tie in the indexer's top-k can pick other keys in the two runs
     for seqs in (1, 6):
         length = 2 if seqs == 1 else 14

@@ -1,5 +1,5 @@
 """MoE reference ops: routing against transformers' router, and the shape-static expert paths
-(grouped GEMM, dense batched GEMMs, per-pair gathered experts, the CPU's choice among them) against the per-expert loop,
+(grouped GEMM, dense batched GEMMs, per-pair gathered experts) against the per-expert loop,
 under skewed loads and expert parallelism."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _experts(n: int, d: int = 32, i: int = 16, seed: int = 0):
             torch.randn(n, d, i, generator=g) * 0.1)  # fmt: skip
 
 
-SHAPE_STATIC = [moe.experts_grouped_mm, moe.experts_dense, moe.experts_gathered, moe.experts_cpu]
+SHAPE_STATIC = [moe.experts_grouped_mm, moe.experts_dense, moe.experts_gathered]
 
 
 @pytest.mark.parametrize("op", SHAPE_STATIC, ids=lambda op: op.__name__)
@@ -27,7 +27,7 @@ SHAPE_STATIC = [moe.experts_grouped_mm, moe.experts_dense, moe.experts_gathered,
 )
 def test_shape_static_experts_match_loop(case, op):
     n_experts, top_k = 16, 4
-    tokens = {"more_experts_than_tokens": 3, "one_token": 1, "many_tokens": 300}.get(case, 40)  # 300: cpu -> grouped
+    tokens = {"more_experts_than_tokens": 3, "one_token": 1, "many_tokens": 300}.get(case, 40)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, 32, generator=g)
     ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)])
@@ -60,26 +60,6 @@ def test_shape_static_paths_refuse_fp8_weights(op):
     with pytest.raises(ValueError, match="keep_fp8=False"):
         op(torch.randn(1, 32), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), *w, (torch.ones(2, 1, 1), None, None),
            0, linear_ref)  # fmt: skip
-
-
-def test_cpu_experts_choose_by_token_count(monkeypatch):
-    calls = []
-    monkeypatch.setattr(moe, "experts_gathered", lambda *a: calls.append("gathered") or a[0])
-    monkeypatch.setattr(moe, "experts_dense", lambda *a: calls.append("dense") or a[0])
-    monkeypatch.setattr(moe, "experts_grouped_mm", lambda *a: calls.append("grouped") or a[0])
-    w = _experts(16)
-
-    def choices(compiling: bool) -> list[str]:
-        calls.clear()
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
-        for tokens in (1, 8, 9, 64, 65):  # top_k 4: gathered while 4 T <= 2 * 16, dense while 4 T <= 16 * 16
-            moe.experts_cpu(torch.randn(tokens, 32), torch.zeros(tokens, 4, dtype=torch.long), torch.ones(tokens, 4),
-                            *w, NO_SCALES, 0, linear_ref)  # fmt: skip
-        return list(calls)
-
-    assert choices(compiling=True) == ["gathered", "gathered", "dense", "dense", "grouped"]
-    # eagerly (the MTP layer of a compiled engine) gathering would copy every pair's weights
-    assert choices(compiling=False) == ["dense", "dense", "dense", "dense", "grouped"]
 
 
 def test_gathered_experts_compiled_bf16_match_the_loop():

@@ -1,0 +1,132 @@
+"""The CPU experts kernel (ops/cpu/moe_experts.cpp through ops/moe_cpu.py) against experts_ref in
+BF16: both dot-product paths (AVX512-BF16 where this CPU has it, and the portable one), token
+counts across its 8-row chunks, skewed and empty experts, expert-parallel shards, compiled
+graphs, bad input, and the torch fallback where no compiler exists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm5c.ops import linear_ref, moe, moe_cpu
+
+NO_SCALES = (None, None, None)
+
+
+def _case(tokens: int, n_experts: int = 16, top_k: int = 4, hidden: int = 96, inter: int = 48, seed: int = 0):
+    """BF16 inputs; hidden and inter are not multiples of 32, so the dot products' tails run too."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(n_experts, generator=g)[:top_k] for _ in range(tokens)] or
+                      [torch.zeros(0, top_k, dtype=torch.long)]).reshape(tokens, top_k)  # fmt: skip
+    weights = torch.rand(tokens, top_k, generator=g)
+    stacks = [(torch.randn(n_experts, *s, generator=g) * 0.1).bfloat16()
+              for s in ((inter, hidden), (inter, hidden), (hidden, inter))]  # fmt: skip
+    return x, ids, weights, *stacks
+
+
+def _close_to_ref(got: torch.Tensor, x, ids, weights, gate, up, down, first_expert: int = 0) -> None:
+    """Equal to experts_ref run in BF16 but for the dot products' summation order: within a few
+    bf16 ulps of it, and as far from the fp32 result as experts_ref itself."""
+    ref = moe.experts_ref(x, ids, weights, gate, up, down, NO_SCALES, first_expert, linear_ref).float()
+    exact = moe.experts_ref(x.float(), ids, weights, gate.float(), up.float(), down.float(), NO_SCALES,
+                            first_expert, linear_ref)  # fmt: skip
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    if x.shape[0] == 0:
+        return
+    scale = ref.abs().max().clamp_min(1e-6)
+    assert (got.float() - ref).abs().max() <= 0.02 * scale
+    assert (got.float() - exact).norm() <= 1.5 * (ref - exact).norm() + 1e-6
+
+
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    """The kernel built without AVX512-BF16 (the path a CPU without it compiles)."""
+    path = moe_cpu.build(cache=tmp_path_factory.mktemp("kernels"), extra_flags=("-mno-avx512bf16",))
+    lib = moe_cpu.open_library(path)
+    assert lib.glm5c_has_avx512bf16() == 0
+    return lib
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 2, 5, 16, 40, 130])
+def test_kernel_matches_reference(tokens):
+    case = _case(tokens)
+    _close_to_ref(moe_cpu.experts_bf16(*case, 0), *case)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 40])
+def test_portable_path_matches_reference(tokens, portable_lib):
+    case = _case(tokens, seed=3)
+    _close_to_ref(moe_cpu.experts_bf16(*case, 0, lib=portable_lib), *case)
+
+
+def test_skewed_repeated_and_empty_experts():
+    x, ids, weights, *w = _case(37)
+    ids[:, 0] = 5  # every token's first choice is expert 5: 37 rows, five 8-row chunks
+    ids[:, 1:] %= 3  # experts 3..15 get nothing, and a token may pick an expert twice (the weights add)
+    _close_to_ref(moe_cpu.experts_bf16(x, ids, weights, *w, 0), x, ids, weights, *w)
+
+
+def test_expert_parallel_shards_sum_to_the_whole():
+    """A rank holds experts [first, first + E_local); pairs for other ranks add 0."""
+    x, ids, weights, *w = _case(9, n_experts=16)
+    full = moe.experts_ref(x.float(), ids, weights, *(t.float() for t in w), NO_SCALES, 0, linear_ref)
+    shards = [moe_cpu.experts_bf16(x, ids, weights, *(t[r * 4 : r * 4 + 4] for t in w), r * 4).float() for r in range(4)]
+    for r, shard in enumerate(shards):
+        _close_to_ref(shard.bfloat16(), x, ids, weights, *(t[r * 4 : r * 4 + 4] for t in w), r * 4)
+    assert (sum(shards) - full).norm() <= 0.02 * full.norm()
+
+
+def test_op_in_a_compiled_graph_equals_eager():
+    x, ids, weights, *w = _case(6)
+
+    def layer(x, ids, weights):
+        return moe_cpu.experts(x, ids, weights, *w, NO_SCALES, 0, linear_ref) * 2
+
+    eager = layer(x, ids, weights)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x, ids, weights)
+    assert torch.equal(compiled, eager)
+
+
+def test_bad_input_is_named():
+    x, ids, weights, gate, up, down = _case(3)
+    with pytest.raises(ValueError, match="x is torch.float32"):
+        moe_cpu.experts_bf16(x.float(), ids, weights, gate, up, down, 0)
+    with pytest.raises(ValueError, match="down_proj"):
+        moe_cpu.experts_bf16(x, ids, weights, gate, up, down.transpose(1, 2), 0)
+    with pytest.raises(ValueError, match="expert_ids"):
+        moe_cpu.experts_bf16(x, ids.int(), weights, gate, up, down, 0)
+    with pytest.raises(ValueError, match="keep_fp8=False"):
+        moe_cpu.experts(x, ids, weights, gate, up, down, (torch.ones(1), None, None), 0, linear_ref)
+
+
+def test_without_a_compiler_the_op_warns_once_and_runs_torch(monkeypatch):
+    monkeypatch.setattr(moe_cpu, "_lib", None)
+    monkeypatch.setattr(moe_cpu, "_unavailable", None)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setenv("GLM5C_KERNEL_CACHE", "/nonexistent-cache")
+    case = _case(5)
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found \(\$CXX=/nonexistent/g\+\+\)"):
+        got = moe_cpu.experts_bf16(*case, 0)
+    _close_to_ref(got, *case)
+    assert moe_cpu.load() is None and "no C++ compiler" in moe_cpu._unavailable
+
+
+def test_the_form_is_chosen_by_pairs_per_expert(monkeypatch):
+    """moe_cpu.experts: in a trace experts_gathered while T x top_k <= E / 4 (mini: 1 token); the
+    kernel's op up to 32 pairs per expert; torch's grouped GEMM beyond. Eagerly never gathered."""
+    calls = []
+    monkeypatch.setattr(moe, "experts_gathered", lambda *a: calls.append("gathered") or a[0])
+    monkeypatch.setattr(moe, "experts_grouped_mm", lambda *a: calls.append("grouped") or a[0])
+    monkeypatch.setattr(moe_cpu, "experts_bf16", lambda *a: calls.append("kernel") or a[0])
+
+    def choices(compiling: bool) -> list[str]:
+        calls.clear()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        for tokens in (1, 2, 128, 129):  # top-4 of 16 experts: 4 pairs <= 16 / 4, then 8; 512 <= 32 x 16
+            x, ids, weights, *w = _case(tokens)
+            moe_cpu.experts(x, ids, weights, *w, NO_SCALES, 0, linear_ref)
+        return list(calls)
+
+    assert choices(compiling=True) == ["gathered", "kernel", "kernel", "grouped"]
+    assert choices(compiling=False) == ["kernel", "kernel", "kernel", "grouped"]
