@@ -19,7 +19,7 @@ import time
 import torch
 
 from glm5c.bench.provenance import provenance
-from glm5c.ops import linear_ref, moe, moe_cpu
+from glm5c.ops import cpu_kernels, linear_ref, moe, moe_cpu
 
 
 def best_ms(fn, *args, repeats: int = 20) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
     e, i, d, k = args.experts, args.intermediate, args.hidden, args.top_k
     layers = [[(torch.randn(*shape, generator=g) * 0.05).bfloat16() for shape in ((e, i, d), (e, i, d), (e, d, i))]
               for _ in range(args.layers)]  # fmt: skip
-    print(f"kernel: {'AVX512-BF16' if moe_cpu.has_avx512_bf16() else 'portable fp32 FMA'} dot products, "
+    print(f"kernel: {'AVX512-BF16' if cpu_kernels.has_avx512_bf16() else 'portable fp32 FMA'} dot products, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     rows = []
     for t in args.tokens:
@@ -83,7 +83,7 @@ def main() -> None:
               f"{row['kernel_vs_dense_cold']:.2f}x dense, {row['kernel_vs_grouped_cold']:.2f}x grouped", flush=True)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**provenance(), "threads": torch.get_num_threads(), "avx512_bf16": moe_cpu.has_avx512_bf16(),
+            json.dump({**provenance(), "threads": torch.get_num_threads(), "avx512_bf16": cpu_kernels.has_avx512_bf16(),
                        "rows": rows}, f, indent=2)  # fmt: skip
 
 

@@ -28,12 +28,20 @@ from glm5c.bench.provenance import provenance
 from glm5c.graphs.buckets import Buckets
 from glm5c.graphs.compile import compile_artifacts, ops_for
 from glm5c.graphs.runner import GraphRunner
-from glm5c.ops import dsa, gemv, linear_ref, moe
+from glm5c.ops import cpu_linear, dsa, gemv, linear_ref, moe
 from glm5c.weights import build_model
 
 
 def _gemv_linear(x, weight, scale_inv=None):
     return gemv(x, weight) if scale_inv is None else linear_ref(x, weight, scale_inv)
+
+
+def _gemv_then_gemm(x, weight, scale_inv=None):
+    """linear_cpu without its kernel (what CPU graphs held before it)."""
+    rows = x.numel() // ((weight.shape[0] if weight.dim() == 3 else 1) * x.shape[-1])
+    if scale_inv is None and rows <= cpu_linear.GEMV_MAX_ROWS:
+        return gemv(x, weight)
+    return linear_ref(x, weight, scale_inv)
 
 
 # name -> (Ops field, replacement): each variant swaps one op of the chosen set in every bucket
@@ -44,7 +52,8 @@ VARIANTS = {
     "experts: grouped": ("experts", moe.experts_grouped_mm),
     "linears: GEMM": ("linear", linear_ref),
     "linears: gemv": ("linear", _gemv_linear),
-    "attention: BF16 matmuls": ("sparse_mla", dsa.sparse_mla_lowp),
+    "linears: gemv, then GEMM": ("linear", _gemv_then_gemm),
+    "attention: BF16 matmuls": ("sparse_mla", dsa.sparse_mla_lowp),  # (beyond 4 tokens, the kernel before)
     "attention: fused gemv": ("sparse_mla", dsa.sparse_mla_gemv),
 }
 

@@ -29,7 +29,7 @@ import glm5c
 from glm5c.batch import SeqChunk, build_step_batch
 from glm5c.config import ModelConfig
 from glm5c.kv_cache import KVCache
-from glm5c.ops import REFERENCE, Ops, dsa, linear_cpu, moe, moe_cpu
+from glm5c.ops import REFERENCE, Ops, dsa, dsa_cpu, linear_cpu, moe, moe_cpu
 from glm5c.weights import build_model
 
 from .buckets import Buckets
@@ -52,14 +52,14 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs pick per bucket: the
 # experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op; for 1
-# token Inductor's gathered loops), linears (linear_cpu: fused matrix-vector loops for up to 4 rows, per-head ones
-# too) and attention (sparse_mla_cpu: fused loops for 1-4 tokens, else BF16 matmuls). Fast kernels
+# token Inductor's gathered loops), linears (cpu_linear.linear_cpu: fused matrix-vector loops for up to 4 rows,
+# then a C++ kernel up to 16, per-head ones too) and attention (sparse_mla_cpu: fused loops for 1-4 tokens, else BF16 matmuls). Fast kernels
 # take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
-_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe_cpu.experts, sparse_mla=dsa.sparse_mla_cpu),
-             {**_BASE_NAMES, "linear": "linear_cpu", "experts": "moe_cpu.experts", "sparse_mla": "sparse_mla_cpu"})  # fmt: skip
+_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe_cpu.experts, sparse_mla=dsa_cpu.sparse_mla),
+             {**_BASE_NAMES, "linear": "cpu_linear.linear_cpu", "experts": "moe_cpu.experts", "sparse_mla": "dsa_cpu.sparse_mla"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})
 
 

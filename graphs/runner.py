@@ -18,7 +18,7 @@ from torch import Tensor
 from glm5c.batch import StepBatch
 from glm5c.kv_cache import KVCache
 from glm5c.model import GLM5
-from glm5c.ops import moe_cpu
+from glm5c.ops import cpu_kernels
 
 from .buckets import Buckets
 from .manifest import Manifest, StaleArtifactsError, constants_signature
@@ -37,8 +37,8 @@ class GraphRunner:
         self.buckets = Buckets(tuple(b.tokens for b in self.manifest.buckets))
         self.block_size = self.manifest.block_size
         self.max_blocks = self.manifest.max_blocks
-        if self.manifest.ops.get("experts") == "moe_cpu.experts":
-            moe_cpu.load()  # build (once per machine, ~1 s) before any step calls the kernel
+        if {"moe_cpu.experts", "cpu_linear.linear_cpu", "dsa_cpu.sparse_mla"} & set(self.manifest.ops.values()):
+            cpu_kernels.load()  # build (once per machine, ~1 s) before any step calls the kernels
         step = StepModule(model)
         named = dict(step.named_parameters()) | dict(step.named_buffers())
         if constants_signature(step) != self.manifest.constants_signature:

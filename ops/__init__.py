@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import dsa, fp8, moe, moe_cpu  # moe_cpu registers glm5c::moe_experts_cpu, which CPU graphs call
-from .gemv import gemv
+from . import dsa, fp8, moe
 
 
 def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
@@ -32,17 +31,12 @@ def linear_ref(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
     return fp8.fp8_linear(x, weight, scale_inv)
 
 
-GEMV_MAX_ROWS = 4  # linear_cpu: gemv for at most this many rows (bench/results/2026-11-30-cpu-gemv.md)
-
-
-def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
-    """A CPU's compiled linear: `gemv` for up to GEMV_MAX_ROWS rows (decode buckets 1-4), where a
-    GEMM call is mostly overhead and the loop streams the weight at memory speed; otherwise
-    linear_ref. The choice is by static shape, so each bucket's graph holds one of the two."""
-    heads = weight.shape[0] if weight.dim() == 3 else 1
-    if scale_inv is None and x.numel() <= GEMV_MAX_ROWS * heads * x.shape[-1]:
-        return gemv(x, weight)
-    return linear_ref(x, weight, scale_inv)
+# A CPU's BF16 graphs' linears, experts and attention; importing them registers the custom ops those
+# graphs call (glm5c::linear_bf16_cpu, glm5c::moe_experts_cpu, glm5c::sparse_mla_cpu), which must
+# exist before a runner loads them.
+from . import dsa_cpu, moe_cpu  # noqa: E402
+from .cpu_linear import linear_cpu  # noqa: E402
+from .gemv import gemv  # noqa: E402, F401 (glm5c.ops.gemv)
 
 
 @dataclass(frozen=True)

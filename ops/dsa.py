@@ -159,29 +159,16 @@ def sparse_mla_lowp(
     return torch.bmm(probs, entries)[..., :v_dim]  # [T, H, v_dim]
 
 
-SPARSE_MLA_GEMV_MAX_TOKENS = 4  # sparse_mla_cpu: the fused form for at most this many tokens
-
-
 def sparse_mla_gemv(
     q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor, softmax_scale: float, v_dim: int
 ) -> Tensor:  # fmt: skip
     """sparse_mla_lowp's math with both products as `gemv`: compiled, one loop per product reading
     the selected entries straight from the paged cache (no gathered copy, no GEMM call). Same
-    roundings as sparse_mla_lowp (BF16 products with fp32 accumulation, softmax in fp32)."""
+    roundings as sparse_mla_lowp (BF16 products with fp32 accumulation, softmax in fp32). A CPU's
+    BF16 graphs take it for 1-4 tokens (ops/dsa_cpu.py)."""
     entries, valid = selected_entries(kv_cache, indices, block_tables, seq_ids)
     entries = entries.to(q.dtype).unsqueeze(1)  # [T, 1, K, Dk]: one matrix per token, for all its heads
     scores = gemv(q, entries).float() * softmax_scale  # [T, H, K]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return gemv(probs, entries[..., :v_dim].transpose(-1, -2))  # [T, H, v_dim]
-
-
-def sparse_mla_cpu(
-    q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor, softmax_scale: float, v_dim: int
-) -> Tensor:  # fmt: skip
-    """A CPU's compiled sparse attention, chosen by static shape per bucket: sparse_mla_gemv for up
-    to four tokens, sparse_mla_lowp beyond (bench/results/2026-11-30-cpu-gemv.md: mini's decode
-    graph 1.17x slower at batch 1 with lowp, even at 4; 1.04x / 1.11x slower at 8 / 16 with gemv)."""
-    op = sparse_mla_gemv if q.shape[0] <= SPARSE_MLA_GEMV_MAX_TOKENS else sparse_mla_lowp
-    return op(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim)
-

@@ -258,10 +258,10 @@ def test_sparse_mla_lowp_matches_the_reference(dtype):
 
 @pytest.mark.parametrize("rows", [[0], [3, 9], None], ids=["1-token", "2-tokens", "all"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("name", ["sparse_mla_cpu", "sparse_mla_gemv"])
+@pytest.mark.parametrize("name", ["dsa_cpu.sparse_mla", "dsa.sparse_mla_gemv", "glm5c.sparse_mla_cpu"])
 def test_sparse_mla_cpu_matches_the_reference(rows, compiled, name):
     """The CPU BF16 graphs' attention: fused matrix-vector loops (reading the paged cache in place
-    when compiled), which sparse_mla_cpu picks for 1-4 tokens, and sparse_mla_lowp beyond."""
+    when compiled), which dsa_cpu.sparse_mla picks for 1-4 tokens, and the C++ kernel beyond."""
     g = torch.Generator().manual_seed(8)
     cache, tables = _paged(CONTEXTS, 4, 40, torch.bfloat16, g)
     seq_ids, positions = _ragged(CHUNKS)
@@ -270,7 +270,10 @@ def test_sparse_mla_cpu_matches_the_reference(rows, compiled, name):
     if rows is not None:
         q, indices, seq_ids = q[rows], indices[rows], seq_ids[rows]
     want = dsa.sparse_mla_ref(q, cache, indices, tables, seq_ids, 40**-0.5, 32).float()
-    op = getattr(dsa, name)
+    from glm5c.ops import dsa_cpu
+
+    module, fn = name.split(".")
+    op = getattr({"dsa": dsa, "dsa_cpu": dsa_cpu, "glm5c": torch.ops.glm5c}[module], fn)  # the kernel's op: all tokens
     op = torch.compile(op, fullgraph=True, dynamic=False) if compiled else op
     got = op(q, cache, indices, tables, seq_ids, 40**-0.5, 32)
     assert got.dtype == torch.bfloat16 and got.shape == want.shape

@@ -1,4 +1,5 @@
-"""gemv and the CPU graphs' linear (gemv for up to four rows, the GEMM otherwise)."""
+"""gemv, and the CPU graphs' linear where it takes gemv (up to four rows); the kernel it takes up to
+16 rows: tests/test_cpu_linear.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import glm5c.ops as ops
-from glm5c.ops import gemv, linear_cpu
+from glm5c.ops import cpu_linear, gemv, linear_cpu
 
 
 @pytest.mark.parametrize("x_shape", [(1, 48), (2, 48), (3, 2, 48)])
@@ -26,7 +27,7 @@ def test_gemv_with_a_matrix_per_row():
 
 def test_linear_cpu_picks_gemv_for_up_to_four_rows(monkeypatch):
     calls = []
-    monkeypatch.setattr(ops, "gemv", lambda x, w: calls.append(x.shape[:-1]) or F.linear(x, w))
+    monkeypatch.setattr(cpu_linear, "gemv", lambda x, w: calls.append(x.shape[:-1]) or F.linear(x, w))
     w = torch.randn(8, 16)
     for rows in (1, 4, 5):
         linear_cpu(torch.randn(rows, 16), w)

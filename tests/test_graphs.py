@@ -322,7 +322,7 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
     out = tmp_path / "bf16"
     manifest = compile_artifacts(tiny_dir, out, Buckets((2, 128)), dtype="bfloat16", block_size=4, max_model_len=160,
                                  progress=lambda _: None)  # fmt: skip
-    assert manifest.ops["experts"] == "moe_cpu.experts" and manifest.ops["linear"] == "linear_cpu" and manifest.dtype == "bfloat16"
+    assert manifest.ops["experts"] == "moe_cpu.experts" and manifest.ops["linear"] == "cpu_linear.linear_cpu" and manifest.dtype == "bfloat16"
     compiled = LLM(tiny_dir, dtype="bfloat16", artifacts=out)
     eager_model = LLM(tiny_dir, dtype="bfloat16", ops=ops_for("cpu", "bfloat16")[0]).model
     runner = compiled.runner

@@ -1,4 +1,4 @@
-"""The CPU experts kernel (ops/cpu/moe_experts.cpp through ops/moe_cpu.py) against experts_ref in
+"""The CPU experts kernel (ops/cpu/bf16_kernels.cpp through ops/moe_cpu.py) against experts_ref in
 BF16: both dot-product paths (AVX512-BF16 where this CPU has it, and the portable one), token
 counts across its 8-row chunks, skewed and empty experts, expert-parallel shards, compiled
 graphs, bad input, and the torch fallback where no compiler exists."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm5c.ops import linear_ref, moe, moe_cpu
+from glm5c.ops import cpu_kernels, linear_ref, moe, moe_cpu
 
 NO_SCALES = (None, None, None)
 
@@ -42,8 +42,8 @@ def _close_to_ref(got: torch.Tensor, x, ids, weights, gate, up, down, first_expe
 @pytest.fixture(scope="module")
 def portable_lib(tmp_path_factory):
     """The kernel built without AVX512-BF16 (the path a CPU without it compiles)."""
-    path = moe_cpu.build(cache=tmp_path_factory.mktemp("kernels"), extra_flags=("-mno-avx512bf16",))
-    lib = moe_cpu.open_library(path)
+    path = cpu_kernels.build(cache=tmp_path_factory.mktemp("kernels"), extra_flags=("-mno-avx512bf16",))
+    lib = cpu_kernels.open_library(path)
     assert lib.glm5c_has_avx512bf16() == 0
     return lib
 
@@ -101,15 +101,15 @@ def test_bad_input_is_named():
 
 
 def test_without_a_compiler_the_op_warns_once_and_runs_torch(monkeypatch):
-    monkeypatch.setattr(moe_cpu, "_lib", None)
-    monkeypatch.setattr(moe_cpu, "_unavailable", None)
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", None)
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     monkeypatch.setenv("GLM5C_KERNEL_CACHE", "/nonexistent-cache")
     case = _case(5)
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found \(\$CXX=/nonexistent/g\+\+\)"):
         got = moe_cpu.experts_bf16(*case, 0)
     _close_to_ref(got, *case)
-    assert moe_cpu.load() is None and "no C++ compiler" in moe_cpu._unavailable
+    assert cpu_kernels.load() is None and "no C++ compiler" in cpu_kernels._unavailable
 
 
 def test_the_form_is_chosen_by_pairs_per_expert(monkeypatch):

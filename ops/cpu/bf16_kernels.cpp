@@ -1,18 +1,23 @@
-// MoE experts for a CPU's BF16 graphs: each chosen expert's weights read once, by the tokens routed
-// to it (ops/moe_cpu.py builds this file with g++ and calls it through ctypes; its reference is
-// ops/moe.py: experts_ref). A plain C ABI over raw pointers: no torch headers, so it builds in ~1 s.
+// BF16 kernels for a CPU's compiled graphs, where a GEMM library call costs more than the bytes it
+// reads (few rows per weight): each weight row is streamed once for all the rows of x that need it.
+// ops/cpu_kernels.py builds this file with the system compiler and the ops call it through ctypes:
+// a plain C ABI over raw pointers, no torch headers, so it builds in ~1 s. Dot products use
+// AVX512-BF16 (vdpbf16ps: bf16 pairs into fp32) where the compiler targets it (-march=native on a
+// CPU that has it), else fp32 FMAs the compiler vectorises. Threads split weight rows in blocks of 16.
 //
+// glm5c_moe_experts_bf16 (ops/moe_cpu.py; reference ops/moe.py: experts_ref):
 //   x [T, D] bf16, expert_ids [T, K] int64 (global ids), expert_weights [T, K] fp32,
 //   gate, up [E, I, D] bf16, down [E, D, I] bf16, local experts [first_expert, first_expert + E)
 //   -> out [T, D] bf16 = sum over the token's local (expert, weight) pairs of
 //      weight * down_e(silu(gate_e x) * up_e x), rounded to bf16 where experts_ref rounds:
 //      each linear's output, silu's, the product's; the sum is fp32, in expert order.
+//   Two passes (every thread reads its slice of every chosen expert, so each weight byte is read
+//   once): gate/up rows i -> act [pairs, I] bf16, then down rows d -> out[:, d].
 //
-// Two passes, each split across threads by weight rows (every thread reads its slice of every
-// chosen expert, so each weight byte is read once): gate/up rows i -> act [pairs, I] bf16, then
-// down rows d -> out[:, d]. Dot products use AVX512-BF16 (vdpbf16ps: bf16 pairs into fp32) where
-// the compiler targets it (-march=native on a CPU that has it), else fp32 FMAs the compiler
-// vectorises.
+// glm5c_linear_bf16 (ops/cpu_linear.py; reference ops/__init__.py: linear_ref): x @ w^T, per head.
+//
+// glm5c_sparse_mla_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: sparse_mla_lowp): each token's heads
+// attend over its selected cache entries, read straight from the paged cache (no gathered copy).
 
 #include <omp.h>
 #include <stdint.h>
@@ -181,6 +186,96 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
   }
   for (int64_t k = 0; k < tokens * hidden; ++k) out[k] = f32_to_bf16(acc[k]);
   return 0;
+}
+
+// out [T, H, N] bf16 = per head h: x [T, H, K][:, h] @ w [H, N, K][h] ^T, fp32 accumulation (H = 1:
+// a linear layer; H > 1: MLA's absorbed per-head projections). Threads split the H * N weight rows;
+// each streams its rows once for all T rows of x, 8 at a time.
+int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t heads,
+                      int64_t in_features, int64_t out_features, int threads) {
+  if (tokens < 0 || heads <= 0 || in_features <= 0 || out_features <= 0 || threads <= 0) return 1;
+  const int64_t rows = heads * out_features;
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t r0, r1;
+    row_range(rows, &r0, &r1);
+    const uint16_t* xs[kMaxRows];
+    float y[kMaxRows];
+    for (int64_t t0 = 0; t0 < tokens; t0 += kMaxRows) {
+      int n = int(std::min<int64_t>(kMaxRows, tokens - t0));
+      int64_t head = -1;
+      for (int64_t r = r0; r < r1; ++r) {
+        if (r / out_features != head) {
+          head = r / out_features;
+          for (int j = 0; j < n; ++j) xs[j] = x + ((t0 + j) * heads + head) * in_features;
+        }
+        dots_n(n, w + r * in_features, xs, in_features, y);
+        for (int j = 0; j < n; ++j) out[(t0 + j) * rows + r] = f32_to_bf16(y[j]);
+      }
+    }
+  }
+  return 0;
+}
+
+// q [T, H, Dk] bf16, kv [slots, Dk] bf16 (the paged cache, flat), indices [T, K] int32 (positions in
+// the token's sequence, -1 = empty), block_tables [B, W] int32, seq_ids [T] int64 -> out [T, H, V] bf16.
+// sparse_mla_lowp's roundings: score = bf16(q . e) * scale, softmax in fp32, probabilities rounded
+// to bf16, out = bf16(sum_k p_k e_k[:V]) with fp32 sums. Threads split the tokens. Returns 2 when an
+// index or block number points outside the cache (nothing is read there).
+int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* indices, const int32_t* block_tables,
+                          const int64_t* seq_ids, uint16_t* out, int64_t tokens, int64_t heads, int64_t dk,
+                          int64_t v_dim, int64_t topk, int64_t block_size, int64_t table_rows, int64_t table_width,
+                          int64_t slots, float softmax_scale, int threads) {
+  if (tokens < 0 || heads <= 0 || dk <= 0 || v_dim <= 0 || v_dim > dk || topk <= 0 || block_size <= 0 ||
+      table_rows <= 0 || table_width <= 0 || slots <= 0 || threads <= 0)
+    return 1;
+  int bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+  {
+    std::vector<float> scores(heads * topk), acc(heads * v_dim), ef(v_dim);
+    std::vector<const uint16_t*> rows(topk);
+    const uint16_t* qs[kMaxRows];
+    float s[kMaxRows];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t seq = seq_ids[t];
+      if (seq < 0 || seq >= table_rows) { bad = 1; continue; }
+      for (int64_t k = 0; k < topk; ++k) {
+        const int64_t pos = indices[t * topk + k];
+        rows[k] = nullptr;
+        if (pos < 0) continue;
+        const int64_t col = pos / block_size;
+        const int64_t slot = col < table_width ? int64_t(block_tables[seq * table_width + col]) * block_size + pos % block_size : -1;
+        if (slot < 0 || slot >= slots) { bad = 1; continue; }
+        rows[k] = kv + slot * dk;
+        for (int64_t h0 = 0; h0 < heads; h0 += kMaxRows) {
+          int n = int(std::min<int64_t>(kMaxRows, heads - h0));
+          for (int j = 0; j < n; ++j) qs[j] = q + (t * heads + h0 + j) * dk;
+          dots_n(n, rows[k], qs, dk, s);
+          for (int j = 0; j < n; ++j) scores[(h0 + j) * topk + k] = round_bf16(s[j]) * softmax_scale;
+        }
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t h = 0; h < heads; ++h) {  // softmax over the valid entries -> bf16 probabilities
+        float* sc = scores.data() + h * topk;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t k = 0; k < topk; ++k) if (rows[k]) mx = std::max(mx, sc[k]);
+        for (int64_t k = 0; k < topk; ++k) if (rows[k]) { sc[k] = std::exp(sc[k] - mx); sum += sc[k]; }
+        for (int64_t k = 0; k < topk; ++k) if (rows[k]) sc[k] = round_bf16(sc[k] / sum);
+      }
+      for (int64_t k = 0; k < topk; ++k) {
+        if (!rows[k]) continue;
+        for (int64_t v = 0; v < v_dim; ++v) ef[v] = bf16_to_f32(rows[k][v]);
+        for (int64_t h = 0; h < heads; ++h) {
+          const float p = scores[h * topk + k];
+          float* a = acc.data() + h * v_dim;
+          for (int64_t v = 0; v < v_dim; ++v) a[v] += p * ef[v];
+        }
+      }
+      for (int64_t i = 0; i < heads * v_dim; ++i) out[t * heads * v_dim + i] = f32_to_bf16(acc[i]);
+    }
+  }
+  return bad ? 2 : 0;
 }
 
 }  // extern "C"

@@ -1,0 +1,77 @@
+"""Linear layers for a CPU's BF16 graphs, chosen by rows (a static shape, so per bucket).
+
+A BF16 GEMM library call on a CPU (oneDNN through aten::mm / bmm) costs ~15-20 us before it reads
+anything (bench/results/2026-11-30-cpu-gemv.md): more than reading a 512x512 weight takes. So:
+  - up to GEMV_MAX_ROWS rows: `gemv`, a multiply-and-sum that Inductor emits as one vectorised loop
+    fused with whatever produces x;
+  - up to KERNEL_MAX_ROWS rows: the C++ kernel (ops/cpu/bf16_kernels.cpp: glm5c_linear_bf16) as
+    the opaque op `glm5c::linear_bf16_cpu`: threads split the weight rows and stream each once
+    for all rows of x (~10 us of Python and ctypes per call);
+  - beyond: torch's GEMM (linear_ref).
+Per-head weights [H, out, in] (MLA's absorbed projections) take the same path, head by head.
+Whole mini decode graphs with the kernel instead of torch's GEMMs (bench/cpu_graph_ops.py):
+0.82x the time at 8 tokens, 0.90x at 16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cpu_kernels
+from .gemv import gemv
+
+GEMV_MAX_ROWS = 4
+KERNEL_MAX_ROWS = 16
+
+
+def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
+    """The kernel, eagerly: x [T, in] @ weight [out, in]^T -> [T, out], or per head x [T, H, in] with
+    weight [H, out, in] -> [T, H, out]; bf16 in and out, fp32 accumulation."""
+    heads = weight.shape[0] if weight.dim() == 3 else 1
+    want_x = (x.shape[0], heads, weight.shape[-1]) if weight.dim() == 3 else (x.shape[0], weight.shape[-1])
+    if x.dim() != len(want_x) or tuple(x.shape) != want_x or weight.dim() not in (2, 3) \
+            or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" \
+            or weight.device.type != "cpu":  # fmt: skip
+        raise ValueError(f"linear_bf16_cpu: x {x.dtype} {tuple(x.shape)} on {x.device} does not fit weight "
+                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}: expected bf16 on cpu, "
+                         "x [T, in] for weight [out, in] or x [T, H, in] for weight [H, out, in]")  # fmt: skip
+    lib = cpu_kernels.load()
+    if lib is None:
+        if weight.dim() == 3:
+            return torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
+        return F.linear(x, weight)
+    x, weight = x.contiguous(), weight.contiguous()
+    out = x.new_empty(*x.shape[:-1], weight.shape[-2])
+    rc = lib.glm5c_linear_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], heads,
+                               weight.shape[-1], weight.shape[-2], torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"linear_bf16_cpu: the kernel rejected its arguments (code {rc})")
+    return out
+
+
+_library = torch.library.Library("glm5c", "FRAGMENT")  # noqa: TOR901 (the op is registered once, at import)
+_library.define("linear_bf16_cpu(Tensor x, Tensor weight) -> Tensor")
+_library.impl("linear_bf16_cpu", lambda x, weight: linear_bf16(x, weight), "CPU")
+
+
+@torch.library.register_fake("glm5c::linear_bf16_cpu", lib=_library)
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[-2])
+
+
+def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
+    """Ops.linear for a CPU's compiled graphs: gemv, the kernel or linear_ref by rows (above).
+    x [..., in] for weight [out, in]; [T, H, in] for a per-head weight [H, out, in]."""
+    from . import linear_ref
+
+    heads = weight.shape[0] if weight.dim() == 3 else 1
+    rows = x.numel() // (heads * x.shape[-1])
+    if scale_inv is None and rows <= GEMV_MAX_ROWS:
+        return gemv(x, weight)
+    if scale_inv is None and rows <= KERNEL_MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16:
+        if weight.dim() == 3:
+            return torch.ops.glm5c.linear_bf16_cpu(x, weight)
+        return torch.ops.glm5c.linear_bf16_cpu(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+    return linear_ref(x, weight, scale_inv)

@@ -1,0 +1,75 @@
+"""Sparse MLA for a CPU's BF16 graphs: a C++ kernel reading each token's selected entries from the
+paged cache once for all of its heads.
+
+`sparse_mla` computes what `dsa.sparse_mla_lowp` computes (its roundings: BF16 scores with fp32
+sums, softmax in fp32, BF16 probabilities) as the opaque op `glm5c::sparse_mla_cpu`, which a
+compiled graph calls: ops/cpu/bf16_kernels.cpp (glm5c_sparse_mla_bf16). sparse_mla_lowp gathers a
+[T, K, Dk] copy of the entries (index arithmetic per vector: ~170 us a layer at 16 tokens on
+mini) and calls two GEMMs; the kernel reads the entries where they are. Built and loaded by
+ops/cpu_kernels.py; without a compiler the op runs sparse_mla_lowp.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernels, dsa
+
+GEMV_MAX_TOKENS = 4  # sparse_mla: dsa.sparse_mla_gemv (fused into the graph) for at most this many tokens
+
+
+def sparse_mla_bf16(q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor,
+                    softmax_scale: float, v_dim: int) -> Tensor:  # fmt: skip
+    """The kernel, eagerly: q [T, H, Dk] bf16, kv_cache [num_blocks, block_size, Dk] bf16, indices
+    [T, K] int32, block_tables [B, W] int32, seq_ids [T] int64 -> [T, H, v_dim] bf16."""
+    tokens, heads, dk = q.shape
+    want = {"q": (q, torch.bfloat16, 3), "kv_cache": (kv_cache, torch.bfloat16, 3), "indices": (indices, torch.int32, 2),
+            "block_tables": (block_tables, torch.int32, 2), "seq_ids": (seq_ids, torch.int64, 1)}  # fmt: skip
+    for name, (t, dtype, dims) in want.items():
+        if t.device.type != "cpu" or t.dtype != dtype or t.dim() != dims:
+            raise ValueError(f"sparse_mla_cpu: {name} is {t.dtype} {tuple(t.shape)} on {t.device}, expected a "
+                             f"{dims}-d {dtype} tensor on cpu")  # fmt: skip
+    if kv_cache.shape[-1] != dk or indices.shape[0] != tokens or seq_ids.shape[0] != tokens or not 0 < v_dim <= dk:
+        raise ValueError(f"sparse_mla_cpu: shapes do not fit: q {tuple(q.shape)}, kv_cache {tuple(kv_cache.shape)}, "
+                         f"indices {tuple(indices.shape)}, seq_ids {tuple(seq_ids.shape)}, v_dim {v_dim}")  # fmt: skip
+    lib = cpu_kernels.load()
+    if lib is None:
+        return dsa.sparse_mla_lowp(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim)
+    q, kv, idx, tables, seqs = (t.contiguous() for t in (q, kv_cache, indices, block_tables, seq_ids))
+    out = q.new_empty(tokens, heads, v_dim)
+    rc = lib.glm5c_sparse_mla_bf16(q.data_ptr(), kv.data_ptr(), idx.data_ptr(), tables.data_ptr(), seqs.data_ptr(),
+                                   out.data_ptr(), tokens, heads, dk, v_dim, indices.shape[1], kv.shape[1],
+                                   tables.shape[0], tables.shape[1], kv.shape[0] * kv.shape[1], softmax_scale,
+                                   torch.get_num_threads())  # fmt: skip
+    if rc == 2:
+        raise IndexError("sparse_mla_cpu: a selected position or its block lies outside the block table or the cache")
+    if rc != 0:
+        raise RuntimeError(f"sparse_mla_cpu: the kernel rejected its arguments (code {rc})")
+    return out
+
+
+_library = torch.library.Library("glm5c", "FRAGMENT")  # noqa: TOR901 (the op is registered once, at import)
+_library.define("sparse_mla_cpu(Tensor q, Tensor kv_cache, Tensor indices, Tensor block_tables, Tensor seq_ids, "
+                "float softmax_scale, int v_dim) -> Tensor")  # fmt: skip
+_library.impl("sparse_mla_cpu", lambda *args: sparse_mla_bf16(*args), "CPU")
+
+
+@torch.library.register_fake("glm5c::sparse_mla_cpu", lib=_library)
+def _(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim):
+    return q.new_empty(q.shape[0], q.shape[1], v_dim)
+
+
+def sparse_mla(
+    q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor, softmax_scale: float, v_dim: int
+) -> Tensor:  # fmt: skip
+    """Ops.sparse_mla for a CPU's BF16 graphs, chosen by static shape per bucket: for up to four
+    tokens dsa.sparse_mla_gemv, whose loops Inductor fuses into the graph (reading the paged cache
+    in place, no op call; bench/results/2026-11-30-cpu-gemv.md: mini's decode graph 1.17x slower at
+    batch 1 with GEMMs, even at 4), beyond that the kernel's op. Not BF16: sparse_mla_lowp."""
+    args = (q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim)
+    if not q.dtype == kv_cache.dtype == torch.bfloat16:
+        return dsa.sparse_mla_lowp(*args)
+    if q.shape[0] <= GEMV_MAX_TOKENS:
+        return dsa.sparse_mla_gemv(*args)
+    return torch.ops.glm5c.sparse_mla_cpu(*args)

@@ -1,0 +1,86 @@
+"""The CPU graphs' small-GEMM kernel (ops/cpu/bf16_kernels.cpp: glm5c_linear_bf16, through
+ops/cpu_linear.py) against torch's BF16 linear: plain and per-head weights, both dot-product paths,
+row counts across its 8-row chunks, compiled graphs, the choice by rows, bad input, no compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import glm5c.ops as ops
+from glm5c.ops import cpu_kernels, cpu_linear
+
+
+def _bf16(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to torch's BF16 result but for the summation order: within a bf16 ulp or two."""
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    if want.numel():
+        assert (got.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
+
+
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory):
+    lib = cpu_kernels.open_library(cpu_kernels.build(cache=tmp_path_factory.mktemp("kernels"),
+                                                     extra_flags=("-mno-avx512bf16",)))  # fmt: skip
+    assert lib.glm5c_has_avx512bf16() == 0
+    return lib
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 8, 9, 16, 40])
+def test_kernel_matches_torch(rows, monkeypatch, request):
+    x, w = _bf16(rows, 200, seed=rows), _bf16(72, 200, seed=100 + rows)  # 200: not a multiple of 32 (tails)
+    _close(cpu_linear.linear_bf16(x, w), F.linear(x, w))
+    heads_x, heads_w = _bf16(rows, 3, 96, seed=rows), _bf16(3, 40, 96, seed=7)
+    want = torch.bmm(heads_x.transpose(0, 1), heads_w.transpose(1, 2)).transpose(0, 1)
+    _close(cpu_linear.linear_bf16(heads_x, heads_w), want)
+    if rows in (5, 16):  # the portable dot products too
+        lib = request.getfixturevalue("portable_lib")
+        monkeypatch.setattr(cpu_kernels, "_lib", lib)
+        _close(cpu_linear.linear_bf16(x, w), F.linear(x, w))
+        _close(cpu_linear.linear_bf16(heads_x, heads_w), want)
+
+
+def test_linear_cpu_takes_gemv_then_the_kernel_then_torch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_linear, "gemv", lambda x, w: calls.append(("gemv", x.shape[0])) or F.linear(x, w))
+    monkeypatch.setattr(cpu_linear, "linear_bf16", lambda x, w: calls.append(("kernel", x.shape[0])) or F.linear(x, w))
+    monkeypatch.setattr(ops, "linear_ref", lambda x, w, s=None: calls.append(("torch", x.shape[0])) or F.linear(x, w))
+    w = _bf16(8, 16, seed=0)
+    for rows in (4, 5, 16, 17):
+        cpu_linear.linear_cpu(_bf16(rows, 16, seed=rows), w)
+    cpu_linear.linear_cpu(torch.randn(2, 4, 16), w.float())  # 8 rows, fp32: torch
+    cpu_linear.linear_cpu(_bf16(2, 3, 16, seed=1), w)  # [.., in] rows flatten: 6 rows
+    assert calls == [("gemv", 4), ("kernel", 5), ("kernel", 16), ("torch", 17), ("torch", 2), ("kernel", 6)]
+
+
+def test_compiled_graph_equals_eager():
+    x, w, heads_x, heads_w = _bf16(2, 6, 64, seed=1), _bf16(48, 64, seed=2), _bf16(12, 4, 32, seed=3), _bf16(4, 24, 32, seed=4)
+
+    def f(x, heads_x):
+        return cpu_linear.linear_cpu(x, w) * 2, cpu_linear.linear_cpu(heads_x, heads_w) + 1
+
+    eager = f(x, heads_x)
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)(x, heads_x)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+    _close(eager[0] / 2, F.linear(x, w))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"x torch.float32 \(5, 16\).*expected bf16"):
+        cpu_linear.linear_bf16(torch.randn(5, 16), _bf16(8, 16, seed=0))
+    with pytest.raises(ValueError, match=r"does not fit weight torch.bfloat16 \(8, 12\)"):
+        cpu_linear.linear_bf16(_bf16(5, 16, seed=0), _bf16(8, 12, seed=0))
+    with pytest.raises(ValueError, match=r"x \[T, H, in\] for weight \[H, out, in\]"):
+        cpu_linear.linear_bf16(_bf16(5, 2, 16, seed=0), _bf16(3, 8, 16, seed=0))
+
+
+def test_without_the_library_torch_runs(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    x, w, heads_x, heads_w = _bf16(6, 32, seed=1), _bf16(8, 32, seed=2), _bf16(6, 2, 32, seed=3), _bf16(2, 8, 32, seed=4)
+    assert torch.equal(cpu_linear.linear_bf16(x, w), F.linear(x, w))
+    assert torch.equal(cpu_linear.linear_bf16(heads_x, heads_w), ops.linear_ref(heads_x, heads_w))
