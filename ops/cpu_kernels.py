@@ -19,6 +19,9 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from .cutlass.build import cache_dir
 
@@ -118,3 +121,15 @@ def has_avx512_bf16() -> bool:
     """Whether the kernels were built with AVX512-BF16 dot products (else fp32 FMAs)."""
     lib = load()
     return bool(lib is not None and lib.glm5c_has_avx512bf16())
+
+
+_ops_library = torch.library.Library("glm5c", "FRAGMENT")  # noqa: TOR901 (each op is defined once, at import)
+
+
+def define_op(schema: str, kernel: Callable, fake: Callable) -> None:
+    """Define the custom op `glm5c::<schema>` that a graph calls opaquely: `kernel(*args)` runs it
+    on a CPU (eagerly, through this library), `fake(*args)` gives its output's shape to a trace."""
+    name = schema.split("(", 1)[0]
+    _ops_library.define(schema)
+    _ops_library.impl(name, kernel, "CPU")
+    torch.library.register_fake(f"glm5c::{name}", fake, lib=_ops_library)

@@ -49,15 +49,12 @@ def sparse_mla_bf16(q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: 
     return out
 
 
-_library = torch.library.Library("glm5c", "FRAGMENT")  # noqa: TOR901 (the op is registered once, at import)
-_library.define("sparse_mla_cpu(Tensor q, Tensor kv_cache, Tensor indices, Tensor block_tables, Tensor seq_ids, "
-                "float softmax_scale, int v_dim) -> Tensor")  # fmt: skip
-_library.impl("sparse_mla_cpu", lambda *args: sparse_mla_bf16(*args), "CPU")
-
-
-@torch.library.register_fake("glm5c::sparse_mla_cpu", lib=_library)
-def _(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim):
-    return q.new_empty(q.shape[0], q.shape[1], v_dim)
+cpu_kernels.define_op(
+    "sparse_mla_cpu(Tensor q, Tensor kv_cache, Tensor indices, Tensor block_tables, Tensor seq_ids, "
+    "float softmax_scale, int v_dim) -> Tensor",
+    lambda *args: sparse_mla_bf16(*args),  # looked up per call, so tests can replace it
+    lambda q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim: q.new_empty(*q.shape[:2], v_dim),
+)
 
 
 def sparse_mla(

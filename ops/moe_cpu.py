@@ -68,15 +68,12 @@ def _torch_forms(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, f
     return moe.experts_grouped_mm(*args)
 
 
-_library = torch.library.Library("glm5c", "FRAGMENT")  # noqa: TOR901 (the op is registered once, at import)
-_library.define("moe_experts_cpu(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor gate_proj, "
-                "Tensor up_proj, Tensor down_proj, int first_expert) -> Tensor")  # fmt: skip
-_library.impl("moe_experts_cpu", lambda *args: experts_bf16(*args), "CPU")
-
-
-@torch.library.register_fake("glm5c::moe_experts_cpu", lib=_library)
-def _(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, first_expert):
-    return torch.empty_like(x)
+cpu_kernels.define_op(
+    "moe_experts_cpu(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor gate_proj, Tensor up_proj, "
+    "Tensor down_proj, int first_expert) -> Tensor",
+    lambda *args: experts_bf16(*args),  # looked up per call, so tests can replace it
+    lambda x, *_: torch.empty_like(x),
+)
 
 
 def experts(
