@@ -44,11 +44,17 @@ def _gemv_then_gemm(x, weight, scale_inv=None):
     return linear_ref(x, weight, scale_inv)
 
 
+def _experts_kernel_op(x, expert_ids, expert_weights, gate, up, down, scales, first_expert, linear):
+    """The experts kernel's op in every bucket (moe_cpu.experts keeps Inductor's gathered loops for 1 token)."""
+    return torch.ops.glm5c.moe_experts_cpu(x, expert_ids, expert_weights.float(), gate, up, down, first_expert)
+
+
 # name -> (Ops field, replacement): each variant swaps one op of the chosen set in every bucket
 VARIANTS = {
     "chosen": None,
     "experts: dense": ("experts", moe.experts_dense),
     "experts: gathered": ("experts", moe.experts_gathered),
+    "experts: kernel op": ("experts", _experts_kernel_op),
     "experts: grouped": ("experts", moe.experts_grouped_mm),
     "linears: GEMM": ("linear", linear_ref),
     "linears: gemv": ("linear", _gemv_linear),

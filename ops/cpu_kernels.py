@@ -1,11 +1,16 @@
-"""The C++ kernels of a CPU's BF16 graphs (ops/cpu/bf16_kernels.cpp): built, cached, loaded.
+"""The C++ kernels of a CPU's BF16 graphs: built, cached, loaded, and their custom ops defined.
 
-The source is built with the system C++ compiler the first time it is needed (~1 s), cached in
-GLM5C_KERNEL_CACHE (default ~/.cache/glm5c/kernels) under a key hashing the source, the flags, the
-compiler and this CPU's flags (it is built for this CPU: -march=native), and called through
-ctypes, which releases the GIL. `glm5c compile` and the runner load it before anything runs, so
-no request pays for the build. Where it cannot be built (no compiler) `load` warns once and
-returns None, and the ops that use it (moe_cpu, cpu_linear) run torch's forms: slower, same result.
+Two libraries, built with the system C++ compiler the first time they are needed and cached in
+GLM5C_KERNEL_CACHE (default ~/.cache/glm5c/kernels) under a key hashing the sources, the flags,
+the compiler, this CPU's flags (they are built for this CPU: -march=native) and, for the second,
+torch's version:
+  - "kernels" (ops/cpu/bf16_kernels.cpp, ~1 s): the kernels behind a C ABI, called through ctypes
+    by each op's Python implementation (ops/cpu_linear.py, moe_cpu.py, dsa_cpu.py);
+  - "ops" (ops/cpu/bf16_ops.cpp, ~5 s: torch's headers): the same kernels registered as the ops'
+    CPU implementations, which a compiled graph then reaches with no Python per call.
+The runner loads both before the first step, so no request pays for a build. Where "ops" cannot
+be built the Python implementations serve (warned once); where neither can (no compiler) `load`
+returns None and the ops run torch's forms: slower, same result.
 """
 
 from __future__ import annotations
@@ -25,9 +30,20 @@ import torch
 
 from .cutlass.build import cache_dir
 
-SOURCE = Path(__file__).resolve().parent / "cpu" / "bf16_kernels.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+SOURCES = {"kernels": Path(__file__).resolve().parent / "cpu" / "bf16_kernels.cpp",
+           "ops": Path(__file__).resolve().parent / "cpu" / "bf16_ops.cpp"}  # fmt: skip
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ABI_VERSION = 1
+
+
+def _torch_flags() -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) for a library against the installed torch."""
+    from torch.utils import cpp_extension
+
+    libs = cpp_extension.library_paths()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    return ([abi, *(f"-I{p}" for p in cpp_extension.include_paths())],
+            [*(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"])  # fmt: skip
 
 
 class CpuKernelBuildError(RuntimeError):
@@ -52,27 +68,31 @@ def _compiler() -> str:
     return cxx
 
 
-def build(cache: str | os.PathLike | None = None, force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
-    """The shared library built from SOURCE for this CPU (cached unless `force`); `extra_flags`
+def build(cache: str | os.PathLike | None = None, force: bool = False, extra_flags: tuple[str, ...] = (),
+          name: str = "kernels") -> Path:  # fmt: skip
+    """The shared library SOURCES[name] built for this CPU (cached unless `force`); `extra_flags`
     (e.g. -mno-avx512bf16, to test the portable path) go after FLAGS."""
     cxx = _compiler()
-    flags = [*FLAGS, *extra_flags]
+    source = SOURCES[name]
+    compile_flags, link_flags = _torch_flags() if name == "ops" else ([], [])
+    flags = [*FLAGS, "-std=c++20" if name == "ops" else "-std=c++17", *compile_flags, *extra_flags]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
-        SOURCE.read_bytes(), " ".join(flags), version, _cpu_flags()))).hexdigest()[:16]  # fmt: skip
+    parts = [*(p.read_bytes() for p in SOURCES.values()), " ".join(flags + link_flags), version, _cpu_flags(),
+             torch.__version__]  # fmt: skip
+    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in parts)).hexdigest()[:16]
     out_dir = cache_dir(cache)
-    target = out_dir / f"{SOURCE.stem}-{key}.so"
+    target = out_dir / f"{source.stem}-{key}.so"
     if target.is_file() and not force:
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cxx, *flags, str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags, str(source), "-o", tmp, *link_flags]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired as e:
-            raise CpuKernelBuildError(f"{cxx} timed out building {SOURCE.name}") from e
+            raise CpuKernelBuildError(f"{cxx} timed out building {source.name}") from e
         if done.returncode != 0:
             raise CpuKernelBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
@@ -82,22 +102,30 @@ def build(cache: str | os.PathLike | None = None, force: bool = False, extra_fla
 
 
 _lib: ctypes.CDLL | None = None
-_unavailable: str | None = None  # why the kernel cannot be used here, once known
+_unavailable: str | None = None  # why the kernels cannot be used here, once known
+_ops_loaded: bool | str = False  # True once the ops' C++ implementations are registered, or why they are not
 
 
 def load() -> ctypes.CDLL | None:
-    """The library (built first if needed), or None where it cannot be built: then the reason is
-    warned once and the ops run torch's forms."""
-    global _lib, _unavailable
+    """The kernels' library (built first if needed) and, once, the ops' C++ implementations; None
+    where the kernels cannot be built: then the reason is warned once and the ops run torch's forms."""
+    global _lib, _unavailable, _ops_loaded
     if _lib is not None or _unavailable is not None:
         return _lib
     try:
         _lib = open_library(build())
     except (CpuKernelBuildError, OSError, subprocess.SubprocessError) as e:
         _unavailable = f"{type(e).__name__}: {e}"
-        warnings.warn(f"the CPU kernels (ops/cpu/{SOURCE.name}) are unavailable, running torch's slower forms: "
-                      f"{_unavailable}",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(f"the CPU kernels (ops/cpu/{SOURCES['kernels'].name}) are unavailable, running torch's "
+                      f"slower forms: {_unavailable}", RuntimeWarning, stacklevel=2)  # fmt: skip
+        return None
+    try:
+        torch.ops.load_library(str(build(name="ops")))
+        _ops_loaded = True
+    except (CpuKernelBuildError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _ops_loaded = f"{type(e).__name__}: {e}"
+        warnings.warn(f"the CPU kernels' torch ops (ops/cpu/{SOURCES['ops'].name}) are unavailable, calling the "
+                      f"kernels through Python: {_ops_loaded}", RuntimeWarning, stacklevel=2)  # fmt: skip
     return _lib
 
 
@@ -127,9 +155,11 @@ _ops_library = torch.library.Library("glm5c", "FRAGMENT")  # noqa: TOR901 (each 
 
 
 def define_op(schema: str, kernel: Callable, fake: Callable) -> None:
-    """Define the custom op `glm5c::<schema>` that a graph calls opaquely: `kernel(*args)` runs it
-    on a CPU (eagerly, through this library), `fake(*args)` gives its output's shape to a trace."""
+    """Define the custom op `glm5c::<schema>` that a graph calls opaquely: `kernel(*args)` is its
+    Python implementation (the kernel through ctypes), registered under CompositeExplicitAutograd so
+    that the C++ one bf16_ops.cpp registers for CPU outranks it once loaded; `fake(*args)` gives its
+    output's shape to a trace."""
     name = schema.split("(", 1)[0]
     _ops_library.define(schema)
-    _ops_library.impl(name, kernel, "CPU")
+    _ops_library.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"glm5c::{name}", fake, lib=_ops_library)

@@ -52,7 +52,7 @@ def sparse_mla_bf16(q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: 
 cpu_kernels.define_op(
     "sparse_mla_cpu(Tensor q, Tensor kv_cache, Tensor indices, Tensor block_tables, Tensor seq_ids, "
     "float softmax_scale, int v_dim) -> Tensor",
-    lambda *args: sparse_mla_bf16(*args),  # looked up per call, so tests can replace it
+    lambda *args: sparse_mla_bf16(*args),
     lambda q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim: q.new_empty(*q.shape[:2], v_dim),
 )
 

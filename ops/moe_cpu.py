@@ -71,7 +71,7 @@ def _torch_forms(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, f
 cpu_kernels.define_op(
     "moe_experts_cpu(Tensor x, Tensor expert_ids, Tensor expert_weights, Tensor gate_proj, Tensor up_proj, "
     "Tensor down_proj, int first_expert) -> Tensor",
-    lambda *args: experts_bf16(*args),  # looked up per call, so tests can replace it
+    lambda *args: experts_bf16(*args),
     lambda x, *_: torch.empty_like(x),
 )
 
@@ -90,9 +90,9 @@ def experts(
     """Ops.experts for a CPU's BF16 graphs: the kernel as the opaque op `glm5c::moe_experts_cpu`
     (the graph sees "[T, D] in, [T, D] out"), except at the ends. For so few tokens that at most a
     quarter of the experts can be chosen (mini: 1 token) `moe.experts_gathered`, which Inductor
-    fuses into the graph's own loops, saves the op's call (~10 us in Python and ctypes; whole
-    mini decode graphs, bench/cpu_graph_ops.py, kernel vs gathered: 1.06x slower at 1 token,
-    1.11x faster at 4, 1.26x at 16). For over 32 pairs per expert, where the kernel's dot
+    fuses into the graph's own loops, is a little faster (whole mini decode graphs,
+    bench/cpu_graph_ops.py, the kernel's op vs gathered: 1.03x slower at 1 token with the op's C++
+    implementation, 1.06x through Python; 1.11x faster at 4, 1.26x at 16). For over 32 pairs per expert, where the kernel's dot
     products are compute-bound, torch's grouped GEMM (bench/cpu_experts.py, mini: the kernel
     1.04x faster at 32 pairs per expert, 1.32x slower at 64). The choice is by static shape, so
     each bucket's graph holds one. Unquantized weights only."""

@@ -48,7 +48,7 @@ def test_kernel_matches_torch(rows, monkeypatch, request):
 def test_linear_cpu_takes_gemv_then_the_kernel_then_torch(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_linear, "gemv", lambda x, w: calls.append(("gemv", x.shape[0])) or F.linear(x, w))
-    monkeypatch.setattr(cpu_linear, "linear_bf16", lambda x, w: calls.append(("kernel", x.shape[0])) or F.linear(x, w))
+    monkeypatch.setattr(torch.ops.glm5c, "linear_bf16_cpu", lambda x, w: calls.append(("kernel", x.shape[0])) or F.linear(x, w))
     monkeypatch.setattr(ops, "linear_ref", lambda x, w, s=None: calls.append(("torch", x.shape[0])) or F.linear(x, w))
     w = _bf16(8, 16, seed=0)
     for rows in (4, 5, 16, 17):

@@ -50,7 +50,7 @@ def test_portable_path(tmp_path, monkeypatch):
 def test_graphs_take_gemv_for_few_tokens_then_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(dsa, "sparse_mla_gemv", lambda *a: calls.append(("gemv", a[0].shape[0])))
-    monkeypatch.setattr(dsa_cpu, "sparse_mla_bf16", lambda *a: calls.append(("kernel", a[0].shape[0])) or a[0])
+    monkeypatch.setattr(torch.ops.glm5c, "sparse_mla_cpu", lambda *a: calls.append(("kernel", a[0].shape[0])) or a[0])
     monkeypatch.setattr(dsa, "sparse_mla_lowp", lambda *a: calls.append(("lowp", a[0].shape[0])))
     for tokens in (4, 5):
         dsa_cpu.sparse_mla(*_case(tokens))

@@ -118,7 +118,7 @@ def test_the_form_is_chosen_by_pairs_per_expert(monkeypatch):
     calls = []
     monkeypatch.setattr(moe, "experts_gathered", lambda *a: calls.append("gathered") or a[0])
     monkeypatch.setattr(moe, "experts_grouped_mm", lambda *a: calls.append("grouped") or a[0])
-    monkeypatch.setattr(moe_cpu, "experts_bf16", lambda *a: calls.append("kernel") or a[0])
+    monkeypatch.setattr(torch.ops.glm5c, "moe_experts_cpu", lambda *a: calls.append("kernel") or a[0])
 
     def choices(compiling: bool) -> list[str]:
         calls.clear()

@@ -1,0 +1,103 @@
+// The kernels of bf16_kernels.cpp as the CPU implementations of the custom ops that
+// ops/cpu_linear.py, ops/moe_cpu.py and ops/dsa_cpu.py define (schemas and fakes live there, with
+// a Python implementation through ctypes under CompositeExplicitAutograd, which this CPU one
+// outranks): a compiled graph's call then reaches the kernel through the dispatcher with no Python
+// on the way (~10 us a call less). ops/cpu_kernels.py builds it against the installed torch's
+// headers and loads it with torch.ops.load_library; where that fails the Python path stays.
+
+#include "bf16_kernels.cpp"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace {
+
+const uint16_t* bf16_in(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr()); }
+uint16_t* bf16_out(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.mutable_data_ptr()); }
+
+void check(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == dims, op, ": ", name, " is ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device(), ", expected a ", dims, "-d ", dtype,
+              " tensor on cpu");
+}
+
+at::Tensor linear_bf16_cpu(const at::Tensor& x_, const at::Tensor& weight_) {
+  const char* op = "linear_bf16_cpu";
+  const int64_t dims = weight_.dim();
+  TORCH_CHECK(dims == 2 || dims == 3, op, ": weight ", weight_.sizes(), " is neither [out, in] nor [H, out, in]");
+  check(op, "x", x_, at::kBFloat16, dims);
+  check(op, "weight", weight_, at::kBFloat16, dims);
+  const int64_t heads = dims == 3 ? weight_.size(0) : 1;
+  TORCH_CHECK(x_.size(-1) == weight_.size(-1) && (dims == 2 || x_.size(1) == heads), op, ": x ", x_.sizes(),
+              " does not fit weight ", weight_.sizes());
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous();
+  const int64_t tokens = x.size(0), in = weight.size(-1), out_features = weight.size(-2);
+  at::Tensor out = dims == 3 ? at::empty({tokens, heads, out_features}, x.options())
+                             : at::empty({tokens, out_features}, x.options());
+  int rc = glm5c_linear_bf16(bf16_in(x), bf16_in(weight), bf16_out(out), tokens, heads, in, out_features,
+                             at::get_num_threads());
+  TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
+  return out;
+}
+
+at::Tensor moe_experts_cpu(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
+                           const at::Tensor& gate_, const at::Tensor& up_, const at::Tensor& down_,
+                           int64_t first_expert) {
+  const char* op = "moe_experts_cpu";
+  check(op, "x", x_, at::kBFloat16, 2);
+  check(op, "expert_ids", ids_, at::kLong, 2);
+  check(op, "expert_weights", weights_, at::kFloat, 2);
+  check(op, "gate_proj", gate_, at::kBFloat16, 3);
+  check(op, "up_proj", up_, at::kBFloat16, 3);
+  check(op, "down_proj", down_, at::kBFloat16, 3);
+  const int64_t tokens = x_.size(0), hidden = x_.size(1), experts = gate_.size(0), inter = gate_.size(1);
+  TORCH_CHECK(ids_.size(0) == tokens && weights_.sizes() == ids_.sizes() && gate_.size(2) == hidden &&
+                  up_.sizes() == gate_.sizes() && down_.size(0) == experts && down_.size(1) == hidden &&
+                  down_.size(2) == inter,
+              op, ": shapes do not fit: x ", x_.sizes(), ", expert_ids ", ids_.sizes(), ", expert_weights ",
+              weights_.sizes(), ", gate_proj ", gate_.sizes(), ", up_proj ", up_.sizes(), ", down_proj ",
+              down_.sizes());
+  const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), w = weights_.contiguous();
+  const at::Tensor gate = gate_.contiguous(), up = up_.contiguous(), down = down_.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  int rc = glm5c_moe_experts_bf16(bf16_in(x), ids.const_data_ptr<int64_t>(), w.const_data_ptr<float>(), bf16_in(gate),
+                                  bf16_in(up), bf16_in(down), bf16_out(out), tokens, ids.size(1), hidden, inter,
+                                  experts, first_expert, at::get_num_threads());
+  TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
+  return out;
+}
+
+at::Tensor sparse_mla_cpu(const at::Tensor& q_, const at::Tensor& kv_, const at::Tensor& indices_,
+                          const at::Tensor& tables_, const at::Tensor& seq_ids_, double softmax_scale, int64_t v_dim) {
+  const char* op = "sparse_mla_cpu";
+  check(op, "q", q_, at::kBFloat16, 3);
+  check(op, "kv_cache", kv_, at::kBFloat16, 3);
+  check(op, "indices", indices_, at::kInt, 2);
+  check(op, "block_tables", tables_, at::kInt, 2);
+  check(op, "seq_ids", seq_ids_, at::kLong, 1);
+  const int64_t tokens = q_.size(0), heads = q_.size(1), dk = q_.size(2);
+  TORCH_CHECK(kv_.size(2) == dk && indices_.size(0) == tokens && seq_ids_.size(0) == tokens && v_dim > 0 &&
+                  v_dim <= dk,
+              op, ": shapes do not fit: q ", q_.sizes(), ", kv_cache ", kv_.sizes(), ", indices ", indices_.sizes(),
+              ", seq_ids ", seq_ids_.sizes(), ", v_dim ", v_dim);
+  const at::Tensor q = q_.contiguous(), kv = kv_.contiguous(), indices = indices_.contiguous();
+  const at::Tensor tables = tables_.contiguous(), seq_ids = seq_ids_.contiguous();
+  at::Tensor out = at::empty({tokens, heads, v_dim}, q.options());
+  int rc = glm5c_sparse_mla_bf16(bf16_in(q), bf16_in(kv), indices.const_data_ptr<int32_t>(),
+                                 tables.const_data_ptr<int32_t>(), seq_ids.const_data_ptr<int64_t>(), bf16_out(out),
+                                 tokens, heads, dk, v_dim, indices.size(1), kv.size(1), tables.size(0), tables.size(1),
+                                 kv.size(0) * kv.size(1), float(softmax_scale), at::get_num_threads());
+  TORCH_CHECK_INDEX(rc != 2, op, ": a selected position or its block lies outside the block table or the cache");
+  TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
+  m.impl("linear_bf16_cpu", &linear_bf16_cpu);
+  m.impl("moe_experts_cpu", &moe_experts_cpu);
+  m.impl("sparse_mla_cpu", &sparse_mla_cpu);
+}

@@ -1,0 +1,59 @@
+"""The CPU kernels' C++ op implementations (ops/cpu/bf16_ops.cpp, registered by cpu_kernels.load):
+what a compiled graph calls. Bit-equal to the same kernels through Python and ctypes, and bad
+input is a clear error from the op itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm5c.ops import cpu_kernels, cpu_linear, dsa_cpu, moe_cpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_ops():
+    assert cpu_kernels.load() is not None
+    if cpu_kernels._ops_loaded is not True:
+        pytest.fail(f"the C++ ops did not load: {cpu_kernels._ops_loaded}")
+
+
+def _bf16(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def test_linear_op_is_the_kernel():
+    for x, w in ((_bf16(7, 96, seed=1), _bf16(40, 96, seed=2)), (_bf16(9, 3, 64, seed=3), _bf16(3, 24, 64, seed=4))):
+        assert torch.equal(torch.ops.glm5c.linear_bf16_cpu(x, w), cpu_linear.linear_bf16(x, w))
+    with pytest.raises(RuntimeError, match=r"linear_bf16_cpu: x is Float \[5, 16\] on cpu, expected a 2-d BFloat16"):
+        torch.ops.glm5c.linear_bf16_cpu(torch.randn(5, 16), _bf16(8, 16, seed=0))
+    with pytest.raises(RuntimeError, match=r"x \[5, 16\] does not fit weight \[8, 12\]"):
+        torch.ops.glm5c.linear_bf16_cpu(_bf16(5, 16, seed=0), _bf16(8, 12, seed=0))
+
+
+def test_experts_op_is_the_kernel():
+    g = torch.Generator().manual_seed(0)
+    x = _bf16(11, 64, seed=5)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(11)])
+    weights = torch.rand(11, 2, generator=g)
+    stacks = (_bf16(8, 32, 64, seed=6), _bf16(8, 32, 64, seed=7), _bf16(8, 64, 32, seed=8))
+    got = torch.ops.glm5c.moe_experts_cpu(x, ids, weights, *stacks, 0)
+    assert torch.equal(got, moe_cpu.experts_bf16(x, ids, weights, *stacks, 0))
+    with pytest.raises(RuntimeError, match="moe_experts_cpu: expert_ids is Int"):
+        torch.ops.glm5c.moe_experts_cpu(x, ids.int(), weights, *stacks, 0)
+    with pytest.raises(RuntimeError, match="moe_experts_cpu: shapes do not fit"):
+        torch.ops.glm5c.moe_experts_cpu(x, ids, weights, stacks[0], stacks[0], stacks[0], 0)
+
+
+def test_sparse_mla_op_is_the_kernel():
+    g = torch.Generator().manual_seed(1)
+    cache = _bf16(10, 4, 40, seed=9)
+    tables = torch.randperm(10, generator=g)[:8].reshape(2, 4).int()
+    seq_ids = torch.tensor([0, 1, 1, 0, 1])
+    indices = torch.randint(0, 16, (5, 6), generator=g).int()
+    indices[1, 3:] = -1
+    q = _bf16(5, 9, 40, seed=10)
+    got = torch.ops.glm5c.sparse_mla_cpu(q, cache, indices, tables, seq_ids, 0.2, 32)
+    assert torch.equal(got, dsa_cpu.sparse_mla_bf16(q, cache, indices, tables, seq_ids, 0.2, 32))
+    indices[0, 0] = 16  # past the 4 blocks of 4
+    with pytest.raises(IndexError, match="outside the block table or the cache"):
+        torch.ops.glm5c.sparse_mla_cpu(q, cache, indices, tables, seq_ids, 0.2, 32)
