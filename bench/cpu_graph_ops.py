@@ -61,6 +61,7 @@ VARIANTS = {
     "linears: gemv, then GEMM": ("linear", _gemv_then_gemm),
     "attention: BF16 matmuls": ("sparse_mla", dsa.sparse_mla_lowp),  # (beyond 4 tokens, the kernel before)
     "attention: fused gemv": ("sparse_mla", dsa.sparse_mla_gemv),
+    "indexer: reference": ("indexer_topk", dsa.indexer_topk_ref),
 }
 
 

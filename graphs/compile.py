@@ -53,13 +53,16 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs pick per bucket: the
 # experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op; for 1
 # token Inductor's gathered loops), linears (cpu_linear.linear_cpu: fused matrix-vector loops for up to 4 rows,
-# then a C++ kernel up to 16, per-head ones too) and attention (sparse_mla_cpu: fused loops for 1-4 tokens, else BF16 matmuls). Fast kernels
-# take their places here.
+# then a C++ kernel up to 16, per-head ones too), attention (dsa_cpu.sparse_mla: fused loops for 1-4 tokens,
+# else a C++ kernel) and the indexer's top-k (dsa_cpu.indexer_topk: a C++ kernel for a BF16 index cache).
+# Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
-_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe_cpu.experts, sparse_mla=dsa_cpu.sparse_mla),
-             {**_BASE_NAMES, "linear": "cpu_linear.linear_cpu", "experts": "moe_cpu.experts", "sparse_mla": "dsa_cpu.sparse_mla"})  # fmt: skip
+_CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe_cpu.experts, sparse_mla=dsa_cpu.sparse_mla,
+                                 indexer_topk=dsa_cpu.indexer_topk),
+             {**_BASE_NAMES, "linear": "cpu_linear.linear_cpu", "experts": "moe_cpu.experts", "sparse_mla": "dsa_cpu.sparse_mla",
+              "indexer_topk": "dsa_cpu.indexer_topk"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})
 
 

@@ -71,7 +71,7 @@ def _compiler() -> str:
 def build(cache: str | os.PathLike | None = None, force: bool = False, extra_flags: tuple[str, ...] = (),
           name: str = "kernels") -> Path:  # fmt: skip
     """The shared library SOURCES[name] built for this CPU (cached unless `force`); `extra_flags`
-    (e.g. -mno-avx512bf16, to test the portable path) go after FLAGS."""
+    (e.g. -mno-avx512f, to test the portable paths) go after FLAGS."""
     cxx = _compiler()
     source = SOURCES[name]
     compile_flags, link_flags = _torch_flags() if name == "ops" else ([], [])
@@ -142,6 +142,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     fn = lib.glm5c_sparse_mla_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]
+    fn = lib.glm5c_indexer_topk_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_int]
     return lib
 
 

@@ -1,5 +1,11 @@
-"""Sparse MLA for a CPU's BF16 graphs: a C++ kernel reading each token's selected entries from the
-paged cache once for all of its heads.
+"""DSA for a CPU's BF16 graphs: C++ kernels for the indexer's top-k and sparse MLA, reading the paged
+caches in place.
+
+`indexer_topk` computes what `dsa.indexer_topk_ref` does for a BF16 index cache as the opaque op
+`glm5c::indexer_topk_cpu` (ops/cpu/bf16_kernels.cpp: glm5c_indexer_topk_bf16): per token, the
+fp32 scores of its visible keys read from the cache where they are (the reference gathers an
+fp32 [T, S, D] copy and calls a GEMM), then a partial sort; a token that sees at most topk keys
+takes all of them unscored. An FP8 index cache takes the reference.
 
 `sparse_mla` computes what `dsa.sparse_mla_lowp` computes (its roundings: BF16 scores with fp32
 sums, softmax in fp32, BF16 probabilities) as the opaque op `glm5c::sparse_mla_cpu`, which a
@@ -55,6 +61,59 @@ cpu_kernels.define_op(
     lambda *args: sparse_mla_bf16(*args),
     lambda q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim: q.new_empty(*q.shape[:2], v_dim),
 )
+
+
+def indexer_topk_bf16(q: Tensor, weights: Tensor, index_cache: Tensor, block_tables: Tensor, seq_ids: Tensor,
+                      positions: Tensor, topk: int) -> Tensor:  # fmt: skip
+    """The indexer kernel, eagerly: q [T, H, D] fp32, weights [T, H] fp32, index_cache [num_blocks,
+    block_size, D] bf16, block_tables [B, W] int32, seq_ids, positions [T] int64 -> [T, topk] int32."""
+    want = {"q": (q, torch.float32, 3), "weights": (weights, torch.float32, 2),
+            "index_cache": (index_cache, torch.bfloat16, 3), "block_tables": (block_tables, torch.int32, 2),
+            "seq_ids": (seq_ids, torch.int64, 1), "positions": (positions, torch.int64, 1)}  # fmt: skip
+    for name, (t, dtype, dims) in want.items():
+        if t.device.type != "cpu" or t.dtype != dtype or t.dim() != dims:
+            raise ValueError(f"indexer_topk_cpu: {name} is {t.dtype} {tuple(t.shape)} on {t.device}, expected a "
+                             f"{dims}-d {dtype} tensor on cpu")  # fmt: skip
+    tokens, heads, dim = q.shape
+    if tuple(weights.shape) != (tokens, heads) or index_cache.shape[-1] != dim or seq_ids.shape[0] != tokens \
+            or positions.shape[0] != tokens or topk < 1:  # fmt: skip
+        raise ValueError(f"indexer_topk_cpu: shapes do not fit: q {tuple(q.shape)}, weights {tuple(weights.shape)}, "
+                         f"index_cache {tuple(index_cache.shape)}, seq_ids {tuple(seq_ids.shape)}, positions "
+                         f"{tuple(positions.shape)}, topk {topk}")  # fmt: skip
+    lib = cpu_kernels.load()
+    if lib is None:
+        return dsa.indexer_topk_ref(q, weights, index_cache, block_tables, seq_ids, positions, topk)
+    q, weights, cache, tables, seqs, pos = (t.contiguous() for t in (q, weights, index_cache, block_tables, seq_ids,
+                                                                     positions))  # fmt: skip
+    out = torch.empty(tokens, topk, dtype=torch.int32)
+    rc = lib.glm5c_indexer_topk_bf16(q.data_ptr(), weights.data_ptr(), cache.data_ptr(), tables.data_ptr(),
+                                     seqs.data_ptr(), pos.data_ptr(), out.data_ptr(), tokens, heads, dim, topk,
+                                     cache.shape[1], tables.shape[0], tables.shape[1], cache.shape[0] * cache.shape[1],
+                                     torch.get_num_threads())  # fmt: skip
+    if rc == 2:
+        raise IndexError("indexer_topk_cpu: a position or its block lies outside the block table or the cache")
+    if rc != 0:
+        raise RuntimeError(f"indexer_topk_cpu: the kernel rejected its arguments (code {rc})")
+    return out
+
+
+cpu_kernels.define_op(
+    "indexer_topk_cpu(Tensor q, Tensor weights, Tensor index_cache, Tensor block_tables, Tensor seq_ids, "
+    "Tensor positions, int topk) -> Tensor",
+    lambda *args: indexer_topk_bf16(*args),
+    lambda q, weights, index_cache, block_tables, seq_ids, positions, topk: q.new_empty(q.shape[0], topk,
+                                                                                        dtype=torch.int32),
+)
+
+
+def indexer_topk(
+    q: Tensor, weights: Tensor, index_cache: Tensor, block_tables: Tensor, seq_ids: Tensor, positions: Tensor,
+    topk: int, index_scale: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Ops.indexer_topk for a CPU's BF16 graphs: the kernel's op for a BF16 index cache, else the reference."""
+    if index_scale is None and index_cache.dtype == torch.bfloat16 and q.dtype == weights.dtype == torch.float32:
+        return torch.ops.glm5c.indexer_topk_cpu(q, weights, index_cache, block_tables, seq_ids, positions, topk)
+    return dsa.indexer_topk_ref(q, weights, index_cache, block_tables, seq_ids, positions, topk, index_scale)
 
 
 def sparse_mla(

@@ -57,3 +57,15 @@ def test_sparse_mla_op_is_the_kernel():
     indices[0, 0] = 16  # past the 4 blocks of 4
     with pytest.raises(IndexError, match="outside the block table or the cache"):
         torch.ops.glm5c.sparse_mla_cpu(q, cache, indices, tables, seq_ids, 0.2, 32)
+
+
+def test_indexer_topk_op_is_the_kernel():
+    g = torch.Generator().manual_seed(2)
+    cache = _bf16(12, 4, 32, seed=11)
+    tables = torch.randperm(12, generator=g)[:12].reshape(2, 6).int()
+    seq_ids, positions = torch.tensor([0, 1, 1]), torch.tensor([23, 4, 17])
+    q, weights = torch.randn(3, 4, 32, generator=g), torch.randn(3, 4, generator=g)
+    got = torch.ops.glm5c.indexer_topk_cpu(q, weights, cache, tables, seq_ids, positions, 8)
+    assert torch.equal(got, dsa_cpu.indexer_topk_bf16(q, weights, cache, tables, seq_ids, positions, 8))
+    with pytest.raises(RuntimeError, match="indexer_topk_cpu: positions is Int"):
+        torch.ops.glm5c.indexer_topk_cpu(q, weights, cache, tables, seq_ids, positions.int(), 8)

@@ -18,6 +18,9 @@
 //
 // glm5c_sparse_mla_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: sparse_mla_lowp): each token's heads
 // attend over its selected cache entries, read straight from the paged cache (no gathered copy).
+//
+// glm5c_indexer_topk_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: indexer_topk_ref): the indexer's
+// scores over the paged key cache and their top-k, per token.
 
 #include <omp.h>
 #include <stdint.h>
@@ -27,8 +30,10 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define GLM5C_DPBF16 1
 #else
 #define GLM5C_DPBF16 0
@@ -106,6 +111,52 @@ inline void row_range(int64_t rows, int64_t* begin, int64_t* end) {
   int64_t blocks = (rows + 15) / 16, per = (blocks + threads - 1) / threads;
   *begin = std::min(rows, t * per * 16);
   *end = std::min(rows, (t + 1) * per * 16);
+}
+
+// dot(a[0:n], b[0:n]) in fp32, in 16 lanes the compiler vectorises.
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[k + l] * b[k + l];
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// sc[l] = sum_h w[h] * relu(q[h] . key l) for the 16 keys of tile [dim][16] (fp32). With AVX-512,
+// four heads at a time: four independent FMA chains share each load of the tile.
+inline void key_tile_scores(const float* q, const float* w, const float* tile, int64_t heads, int64_t dim, float* sc) {
+  int64_t h = 0;
+#if defined(__AVX512F__)
+  __m512 total = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (; h + 4 <= heads; h += 4) {
+    const float *q0 = q + h * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
+    __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m512 k = _mm512_loadu_ps(tile + d * 16);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), k, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), k, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), k, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), k, a3);
+    }
+    total = _mm512_fmadd_ps(_mm512_set1_ps(w[h]), _mm512_max_ps(a0, zero), total);
+    total = _mm512_fmadd_ps(_mm512_set1_ps(w[h + 1]), _mm512_max_ps(a1, zero), total);
+    total = _mm512_fmadd_ps(_mm512_set1_ps(w[h + 2]), _mm512_max_ps(a2, zero), total);
+    total = _mm512_fmadd_ps(_mm512_set1_ps(w[h + 3]), _mm512_max_ps(a3, zero), total);
+  }
+  _mm512_storeu_ps(sc, total);
+#else
+  for (int l = 0; l < 16; ++l) sc[l] = 0.f;
+#endif
+  for (; h < heads; ++h) {
+    float a[16] = {};
+    for (int64_t d = 0; d < dim; ++d)
+      for (int l = 0; l < 16; ++l) a[l] += q[h * dim + d] * tile[d * 16 + l];
+    for (int l = 0; l < 16; ++l) sc[l] += w[h] * std::max(0.f, a[l]);
+  }
 }
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
@@ -273,6 +324,65 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
         }
       }
       for (int64_t i = 0; i < heads * v_dim; ++i) out[t * heads * v_dim + i] = f32_to_bf16(acc[i]);
+    }
+  }
+  return bad ? 2 : 0;
+}
+
+// q [T, H, D] fp32, weights [T, H] fp32, cache [slots, D] bf16 (the paged index cache, flat),
+// block_tables [B, W] int32, seq_ids [T] int64, positions [T] int64 -> out [T, topk] int32: the
+// topk visible positions (s <= the token's position) with the best scores
+//   score(t, s) = sum_h weights[t, h] * relu(q[t, h] . k[s])   (fp32, as indexer_scores_ref)
+// and -1 in the slots left empty; with at most topk visible positions, all of them, unscored.
+// Order within a row is unspecified (as the reference's). Threads split the tokens. Returns 2 when
+// a position or its block lies outside the block table or the cache (nothing is read there).
+int glm5c_indexer_topk_bf16(const float* q, const float* weights, const uint16_t* cache, const int32_t* block_tables,
+                            const int64_t* seq_ids, const int64_t* positions, int32_t* out, int64_t tokens,
+                            int64_t heads, int64_t dim, int64_t topk, int64_t block_size, int64_t table_rows,
+                            int64_t table_width, int64_t slots, int threads) {
+  if (tokens < 0 || heads <= 0 || dim <= 0 || topk <= 0 || block_size <= 0 || table_rows <= 0 || table_width <= 0 ||
+      slots <= 0 || threads <= 0)
+    return 1;
+  int bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+  {
+    std::vector<float> scores, tile(dim * 16);
+    std::vector<int32_t> order;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      int32_t* row = out + t * topk;
+      const int64_t seq = seq_ids[t], visible = positions[t] + 1;
+      if (seq < 0 || seq >= table_rows || visible < 1 || visible > table_width * block_size) {
+        bad = 1;
+        std::fill(row, row + topk, -1);
+        continue;
+      }
+      if (visible <= topk) {  // every visible key is chosen: no scores needed
+        for (int64_t i = 0; i < topk; ++i) row[i] = i < visible ? int32_t(i) : -1;
+        continue;
+      }
+      // 16 keys at a time, transposed into fp32 [dim][16]: each product is then a 16-wide FMA over
+      // the keys (no horizontal sum per key and head)
+      scores.resize(visible);
+      for (int64_t s0 = 0; s0 < visible; s0 += 16) {
+        const int n = int(std::min<int64_t>(16, visible - s0));
+        for (int i = 0; i < 16; ++i) {
+          const int64_t s = s0 + i;
+          const int64_t slot = i < n ? int64_t(block_tables[seq * table_width + s / block_size]) * block_size +
+                                           s % block_size : -1;
+          const bool ok = slot >= 0 && slot < slots;
+          if (i < n && !ok) bad = 1;
+          for (int64_t d = 0; d < dim; ++d) tile[d * 16 + i] = ok ? bf16_to_f32(cache[slot * dim + d]) : 0.f;
+        }
+        float sc[16];
+        key_tile_scores(q + t * heads * dim, weights + t * heads, tile.data(), heads, dim, sc);
+        for (int i = 0; i < n; ++i) scores[s0 + i] = sc[i];
+      }
+      order.resize(visible);
+      for (int64_t s = 0; s < visible; ++s) order[s] = int32_t(s);
+      std::nth_element(order.begin(), order.begin() + topk, order.end(),
+                       [&](int32_t a, int32_t b) { return scores[a] > scores[b]; });
+      std::copy(order.begin(), order.begin() + topk, row);
     }
   }
   return bad ? 2 : 0;

@@ -94,9 +94,38 @@ at::Tensor sparse_mla_cpu(const at::Tensor& q_, const at::Tensor& kv_, const at:
   return out;
 }
 
+at::Tensor indexer_topk_cpu(const at::Tensor& q_, const at::Tensor& weights_, const at::Tensor& cache_,
+                            const at::Tensor& tables_, const at::Tensor& seq_ids_, const at::Tensor& positions_,
+                            int64_t topk) {
+  const char* op = "indexer_topk_cpu";
+  check(op, "q", q_, at::kFloat, 3);
+  check(op, "weights", weights_, at::kFloat, 2);
+  check(op, "index_cache", cache_, at::kBFloat16, 3);
+  check(op, "block_tables", tables_, at::kInt, 2);
+  check(op, "seq_ids", seq_ids_, at::kLong, 1);
+  check(op, "positions", positions_, at::kLong, 1);
+  const int64_t tokens = q_.size(0), heads = q_.size(1), dim = q_.size(2);
+  TORCH_CHECK(weights_.size(0) == tokens && weights_.size(1) == heads && cache_.size(2) == dim &&
+                  seq_ids_.size(0) == tokens && positions_.size(0) == tokens && topk > 0,
+              op, ": shapes do not fit: q ", q_.sizes(), ", weights ", weights_.sizes(), ", index_cache ",
+              cache_.sizes(), ", seq_ids ", seq_ids_.sizes(), ", positions ", positions_.sizes(), ", topk ", topk);
+  const at::Tensor q = q_.contiguous(), weights = weights_.contiguous(), cache = cache_.contiguous();
+  const at::Tensor tables = tables_.contiguous(), seq_ids = seq_ids_.contiguous(), positions = positions_.contiguous();
+  at::Tensor out = at::empty({tokens, topk}, tables.options());
+  int rc = glm5c_indexer_topk_bf16(q.const_data_ptr<float>(), weights.const_data_ptr<float>(), bf16_in(cache),
+                                   tables.const_data_ptr<int32_t>(), seq_ids.const_data_ptr<int64_t>(),
+                                   positions.const_data_ptr<int64_t>(), out.mutable_data_ptr<int32_t>(), tokens, heads,
+                                   dim, topk, cache.size(1), tables.size(0), tables.size(1), cache.size(0) * cache.size(1),
+                                   at::get_num_threads());
+  TORCH_CHECK_INDEX(rc != 2, op, ": a position or its block lies outside the block table or the cache");
+  TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
+  m.impl("indexer_topk_cpu", &indexer_topk_cpu);
   m.impl("linear_bf16_cpu", &linear_bf16_cpu);
   m.impl("moe_experts_cpu", &moe_experts_cpu);
   m.impl("sparse_mla_cpu", &sparse_mla_cpu);
