@@ -148,6 +148,23 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     return lib
 
 
+def check_tensors(op: str, **want: tuple) -> None:
+    """Each name=(tensor, dtype, dims) must be a CPU tensor of that dtype and rank (ValueError naming it)."""
+    for name, (t, dtype, dims) in want.items():
+        if t.device.type != "cpu" or t.dtype != dtype or t.dim() != dims:
+            raise ValueError(f"{op}: {name} is {t.dtype} {tuple(t.shape)} on {t.device}, expected a {dims}-d "
+                             f"{dtype} tensor on cpu")  # fmt: skip
+
+
+def check_status(op: str, rc: int, outside: str = "an index") -> None:
+    """A kernel's return code: 2 = `outside` lies outside the block table or the cache (nothing was read
+    there), other non-zero = arguments rejected."""
+    if rc == 2:
+        raise IndexError(f"{op}: {outside} lies outside the block table or the cache")
+    if rc != 0:
+        raise RuntimeError(f"{op}: the kernel rejected its arguments (code {rc})")
+
+
 def has_avx512_bf16() -> bool:
     """Whether the kernels were built with AVX512-BF16 dot products (else fp32 FMAs)."""
     lib = load()

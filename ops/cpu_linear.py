@@ -46,8 +46,7 @@ def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
     out = x.new_empty(*x.shape[:-1], weight.shape[-2])
     rc = lib.glm5c_linear_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], heads,
                                weight.shape[-1], weight.shape[-2], torch.get_num_threads())  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"linear_bf16_cpu: the kernel rejected its arguments (code {rc})")
+    cpu_kernels.check_status("linear_bf16_cpu", rc)
     return out
 
 

@@ -29,13 +29,10 @@ def sparse_mla_bf16(q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: 
                     softmax_scale: float, v_dim: int) -> Tensor:  # fmt: skip
     """The kernel, eagerly: q [T, H, Dk] bf16, kv_cache [num_blocks, block_size, Dk] bf16, indices
     [T, K] int32, block_tables [B, W] int32, seq_ids [T] int64 -> [T, H, v_dim] bf16."""
+    cpu_kernels.check_tensors("sparse_mla_cpu", q=(q, torch.bfloat16, 3), kv_cache=(kv_cache, torch.bfloat16, 3),
+                              indices=(indices, torch.int32, 2), block_tables=(block_tables, torch.int32, 2),
+                              seq_ids=(seq_ids, torch.int64, 1))  # fmt: skip
     tokens, heads, dk = q.shape
-    want = {"q": (q, torch.bfloat16, 3), "kv_cache": (kv_cache, torch.bfloat16, 3), "indices": (indices, torch.int32, 2),
-            "block_tables": (block_tables, torch.int32, 2), "seq_ids": (seq_ids, torch.int64, 1)}  # fmt: skip
-    for name, (t, dtype, dims) in want.items():
-        if t.device.type != "cpu" or t.dtype != dtype or t.dim() != dims:
-            raise ValueError(f"sparse_mla_cpu: {name} is {t.dtype} {tuple(t.shape)} on {t.device}, expected a "
-                             f"{dims}-d {dtype} tensor on cpu")  # fmt: skip
     if kv_cache.shape[-1] != dk or indices.shape[0] != tokens or seq_ids.shape[0] != tokens or not 0 < v_dim <= dk:
         raise ValueError(f"sparse_mla_cpu: shapes do not fit: q {tuple(q.shape)}, kv_cache {tuple(kv_cache.shape)}, "
                          f"indices {tuple(indices.shape)}, seq_ids {tuple(seq_ids.shape)}, v_dim {v_dim}")  # fmt: skip
@@ -48,10 +45,7 @@ def sparse_mla_bf16(q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: 
                                    out.data_ptr(), tokens, heads, dk, v_dim, indices.shape[1], kv.shape[1],
                                    tables.shape[0], tables.shape[1], kv.shape[0] * kv.shape[1], softmax_scale,
                                    torch.get_num_threads())  # fmt: skip
-    if rc == 2:
-        raise IndexError("sparse_mla_cpu: a selected position or its block lies outside the block table or the cache")
-    if rc != 0:
-        raise RuntimeError(f"sparse_mla_cpu: the kernel rejected its arguments (code {rc})")
+    cpu_kernels.check_status("sparse_mla_cpu", rc, "a selected position or its block")
     return out
 
 
@@ -67,13 +61,9 @@ def indexer_topk_bf16(q: Tensor, weights: Tensor, index_cache: Tensor, block_tab
                       positions: Tensor, topk: int) -> Tensor:  # fmt: skip
     """The indexer kernel, eagerly: q [T, H, D] fp32, weights [T, H] fp32, index_cache [num_blocks,
     block_size, D] bf16, block_tables [B, W] int32, seq_ids, positions [T] int64 -> [T, topk] int32."""
-    want = {"q": (q, torch.float32, 3), "weights": (weights, torch.float32, 2),
-            "index_cache": (index_cache, torch.bfloat16, 3), "block_tables": (block_tables, torch.int32, 2),
-            "seq_ids": (seq_ids, torch.int64, 1), "positions": (positions, torch.int64, 1)}  # fmt: skip
-    for name, (t, dtype, dims) in want.items():
-        if t.device.type != "cpu" or t.dtype != dtype or t.dim() != dims:
-            raise ValueError(f"indexer_topk_cpu: {name} is {t.dtype} {tuple(t.shape)} on {t.device}, expected a "
-                             f"{dims}-d {dtype} tensor on cpu")  # fmt: skip
+    cpu_kernels.check_tensors("indexer_topk_cpu", q=(q, torch.float32, 3), weights=(weights, torch.float32, 2),
+                              index_cache=(index_cache, torch.bfloat16, 3), block_tables=(block_tables, torch.int32, 2),
+                              seq_ids=(seq_ids, torch.int64, 1), positions=(positions, torch.int64, 1))  # fmt: skip
     tokens, heads, dim = q.shape
     if tuple(weights.shape) != (tokens, heads) or index_cache.shape[-1] != dim or seq_ids.shape[0] != tokens \
             or positions.shape[0] != tokens or topk < 1:  # fmt: skip
@@ -90,10 +80,7 @@ def indexer_topk_bf16(q: Tensor, weights: Tensor, index_cache: Tensor, block_tab
                                      seqs.data_ptr(), pos.data_ptr(), out.data_ptr(), tokens, heads, dim, topk,
                                      cache.shape[1], tables.shape[0], tables.shape[1], cache.shape[0] * cache.shape[1],
                                      torch.get_num_threads())  # fmt: skip
-    if rc == 2:
-        raise IndexError("indexer_topk_cpu: a position or its block lies outside the block table or the cache")
-    if rc != 0:
-        raise RuntimeError(f"indexer_topk_cpu: the kernel rejected its arguments (code {rc})")
+    cpu_kernels.check_status("indexer_topk_cpu", rc, "a position or its block")
     return out
 
 

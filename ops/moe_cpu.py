@@ -54,8 +54,7 @@ def experts_bf16(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_pro
     rc = lib.glm5c_moe_experts_bf16(x.data_ptr(), ids.data_ptr(), w.data_ptr(), gate.data_ptr(), up.data_ptr(),
                                     down.data_ptr(), out.data_ptr(), x.shape[0], ids.shape[1], hidden, inter,
                                     n_experts, first_expert, torch.get_num_threads())  # fmt: skip
-    if rc != 0:
-        raise RuntimeError(f"moe_experts_cpu: the kernel rejected its arguments (code {rc})")
+    cpu_kernels.check_status("moe_experts_cpu", rc)
     return out
 
 
