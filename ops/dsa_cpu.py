@@ -97,8 +97,13 @@ def indexer_topk(
     q: Tensor, weights: Tensor, index_cache: Tensor, block_tables: Tensor, seq_ids: Tensor, positions: Tensor,
     topk: int, index_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Ops.indexer_topk for a CPU's BF16 graphs: the kernel's op for a BF16 index cache, else the reference."""
-    if index_scale is None and index_cache.dtype == torch.bfloat16 and q.dtype == weights.dtype == torch.float32:
+    """Ops.indexer_topk for a CPU's BF16 graphs: the kernel's op for a BF16 index cache beyond four
+    tokens, else the reference. Up to four tokens the attention after it is `sparse_mla_gemv`, and
+    with the op before it Inductor fused the query's computation (RoPE, norms) into that loop,
+    redoing it per selected entry: whole mini decode graphs 5.5x slower at 1 token, 6.7x at 4
+    (bench/cpu_graph_ops.py); with the reference's extern top-k call between them it does not."""
+    if q.shape[0] > GEMV_MAX_TOKENS and index_scale is None and index_cache.dtype == torch.bfloat16 \
+            and q.dtype == weights.dtype == torch.float32:  # fmt: skip
         return torch.ops.glm5c.indexer_topk_cpu(q, weights, index_cache, block_tables, seq_ids, positions, topk)
     return dsa.indexer_topk_ref(q, weights, index_cache, block_tables, seq_ids, positions, topk, index_scale)
 

@@ -112,16 +112,17 @@ def test_indexer_topk_kernel_picks_the_references_keys(portable, tmp_path, monke
             assert torch.allclose(scores[t][got[t].long()].sort().values, best.sort().values, rtol=1e-5, atol=1e-5)
 
 
-def test_graphs_take_the_indexer_kernel_for_a_bf16_cache(monkeypatch):
+def test_graphs_take_the_indexer_kernel_for_a_bf16_cache_beyond_four_tokens(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.ops.glm5c, "indexer_topk_cpu", lambda *a: calls.append("kernel"))
     monkeypatch.setattr(dsa, "indexer_topk_ref", lambda *a: calls.append("ref"))
-    q, weights, cache, tables, seq_ids, positions = _indexer_case()
+    q, weights, cache, tables, seq_ids, positions = _indexer_case()  # 7 tokens
     dsa_cpu.indexer_topk(q, weights, cache, tables, seq_ids, positions, 8)
+    dsa_cpu.indexer_topk(q[:4], weights[:4], cache, tables, seq_ids[:4], positions[:4], 8)  # 4 tokens: reference
     dsa_cpu.indexer_topk(q, weights, cache.float(), tables, seq_ids, positions, 8)  # an fp32 cache
     dsa_cpu.indexer_topk(q, weights, cache.to(torch.float8_e4m3fn), tables, seq_ids, positions, 8,
                          torch.ones(30, 4))  # an FP8 cache with its scales  # fmt: skip
-    assert calls == ["kernel", "ref", "ref"]
+    assert calls == ["kernel", "ref", "ref", "ref"]
 
 
 def test_indexer_bad_input_is_named():
