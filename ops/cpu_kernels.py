@@ -16,6 +16,7 @@ returns None and the ops run torch's forms: slower, same result.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -68,6 +69,11 @@ def _compiler() -> str:
     return cxx
 
 
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+
+
 def build(cache: str | os.PathLike | None = None, force: bool = False, extra_flags: tuple[str, ...] = (),
           name: str = "kernels") -> Path:  # fmt: skip
     """The shared library SOURCES[name] built for this CPU (cached unless `force`); `extra_flags`
@@ -76,7 +82,7 @@ def build(cache: str | os.PathLike | None = None, force: bool = False, extra_fla
     source = SOURCES[name]
     compile_flags, link_flags = _torch_flags() if name == "ops" else ([], [])
     flags = [*FLAGS, "-std=c++20" if name == "ops" else "-std=c++17", *compile_flags, *extra_flags]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = _compiler_version(cxx)
     parts = [*(p.read_bytes() for p in SOURCES.values()), " ".join(flags + link_flags), version, _cpu_flags(),
              torch.__version__]  # fmt: skip
     key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in parts)).hexdigest()[:16]

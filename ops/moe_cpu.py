@@ -27,17 +27,15 @@ KERNEL_MAX_PAIRS_PER_EXPERT = 32  # then the kernel while T * top_k <= this * E_
 
 
 def _check(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> None:
-    tokens, hidden = x.shape
-    n_experts, inter, _ = gate.shape
-    want = {"x": (x, (tokens, hidden), torch.bfloat16), "expert_ids": (expert_ids, (tokens, expert_ids.shape[1]), torch.int64),
-            "expert_weights": (expert_weights, tuple(expert_ids.shape), torch.float32),
-            "gate_proj": (gate, (n_experts, inter, hidden), torch.bfloat16),
-            "up_proj": (up, (n_experts, inter, hidden), torch.bfloat16),
-            "down_proj": (down, (n_experts, hidden, inter), torch.bfloat16)}  # fmt: skip
-    for name, (t, shape, dtype) in want.items():
-        if t.device.type != "cpu" or tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"moe_experts_cpu: {name} is {t.dtype} {tuple(t.shape)} on {t.device}, "
-                             f"expected {dtype} {shape} on cpu")  # fmt: skip
+    cpu_kernels.check_tensors("moe_experts_cpu", x=(x, torch.bfloat16, 2), expert_ids=(expert_ids, torch.int64, 2),
+                              expert_weights=(expert_weights, torch.float32, 2), gate_proj=(gate, torch.bfloat16, 3),
+                              up_proj=(up, torch.bfloat16, 3), down_proj=(down, torch.bfloat16, 3))  # fmt: skip
+    (tokens, hidden), (n_experts, inter, _) = x.shape, gate.shape
+    if expert_ids.shape[0] != tokens or expert_weights.shape != expert_ids.shape or gate.shape != up.shape \
+            or gate.shape[2] != hidden or tuple(down.shape) != (n_experts, hidden, inter):  # fmt: skip
+        raise ValueError(f"moe_experts_cpu: shapes do not fit: x {tuple(x.shape)}, expert_ids {tuple(expert_ids.shape)}, "
+                         f"expert_weights {tuple(expert_weights.shape)}, gate_proj {tuple(gate.shape)}, up_proj "
+                         f"{tuple(up.shape)}, down_proj {tuple(down.shape)}")  # fmt: skip
 
 
 def experts_bf16(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_proj: Tensor, up_proj: Tensor,
