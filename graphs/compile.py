@@ -54,7 +54,8 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op; for 1
 # token Inductor's gathered loops), linears (cpu_linear.linear_cpu: fused matrix-vector loops for up to 4 rows,
 # then a C++ kernel up to 16, per-head ones too), attention (dsa_cpu.sparse_mla: fused loops for 1-4 tokens,
-# else a C++ kernel) and the indexer's top-k (dsa_cpu.indexer_topk: a C++ kernel for a BF16 index cache).
+# else a C++ kernel) and the indexer's top-k (dsa_cpu.indexer_topk: beyond 4 tokens a C++ kernel for a BF16
+# index cache).
 # Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip

@@ -38,7 +38,7 @@ class GraphRunner:
         self.block_size = self.manifest.block_size
         self.max_blocks = self.manifest.max_blocks
         if any(name.startswith(("moe_cpu.", "cpu_linear.", "dsa_cpu.")) for name in self.manifest.ops.values()):
-            cpu_kernels.load()  # build (once per machine, ~1 s) before any step calls the kernels
+            cpu_kernels.load()  # build (once per machine: ~1 s, ~5 s for the torch ops) before any step calls them
         step = StepModule(model)
         named = dict(step.named_parameters()) | dict(step.named_buffers())
         if constants_signature(step) != self.manifest.constants_signature:
