@@ -3,7 +3,8 @@
 A BF16 GEMM library call on a CPU (oneDNN through aten::mm / bmm) costs ~15-20 us before it reads
 anything (bench/results/2026-11-30-cpu-gemv.md): more than reading a 512x512 weight takes. So:
   - up to GEMV_MAX_ROWS rows: `gemv`, a multiply-and-sum that Inductor emits as one vectorised loop
-    fused with whatever produces x;
+    fused with whatever produces x (in a graph; eagerly, as for the LM head, the kernel below:
+    mini's [1, 512] x [1408, 512] 79 -> 21 us);
   - up to KERNEL_MAX_ROWS rows: the C++ kernel (ops/cpu/bf16_kernels.cpp: glm5c_linear_bf16) as
     the opaque op `glm5c::linear_bf16_cpu`: threads split the weight rows and stream each once
     for all rows of x (~5 us a call through the dispatcher);
@@ -64,9 +65,11 @@ def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
 
     heads = weight.shape[0] if weight.dim() == 3 else 1
     rows = x.numel() // (heads * x.shape[-1])
-    if scale_inv is None and rows <= GEMV_MAX_ROWS:
+    bf16 = x.dtype == weight.dtype == torch.bfloat16
+    # eagerly (the LM head, outside the graphs) gemv would be a GEMM call: the kernel instead
+    if scale_inv is None and rows <= GEMV_MAX_ROWS and (torch.compiler.is_compiling() or not bf16):
         return gemv(x, weight)
-    if scale_inv is None and rows <= KERNEL_MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16:
+    if scale_inv is None and rows <= KERNEL_MAX_ROWS and bf16:
         if weight.dim() == 3:
             return torch.ops.glm5c.linear_bf16_cpu(x, weight)
         return torch.ops.glm5c.linear_bf16_cpu(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], -1)

@@ -51,11 +51,17 @@ def test_linear_cpu_takes_gemv_then_the_kernel_then_torch(monkeypatch):
     monkeypatch.setattr(torch.ops.glm5c, "linear_bf16_cpu", lambda x, w: calls.append(("kernel", x.shape[0])) or F.linear(x, w))
     monkeypatch.setattr(ops, "linear_ref", lambda x, w, s=None: calls.append(("torch", x.shape[0])) or F.linear(x, w))
     w = _bf16(8, 16, seed=0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # in a graph
     for rows in (4, 5, 16, 17):
         cpu_linear.linear_cpu(_bf16(rows, 16, seed=rows), w)
     cpu_linear.linear_cpu(torch.randn(2, 4, 16), w.float())  # 8 rows, fp32: torch
     cpu_linear.linear_cpu(_bf16(2, 3, 16, seed=1), w)  # [.., in] rows flatten: 6 rows
     assert calls == [("gemv", 4), ("kernel", 5), ("kernel", 16), ("torch", 17), ("torch", 2), ("kernel", 6)]
+    calls.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)  # eagerly: the LM head
+    cpu_linear.linear_cpu(_bf16(1, 16, seed=1), w)
+    cpu_linear.linear_cpu(torch.randn(1, 16), w.float())
+    assert calls == [("kernel", 1), ("gemv", 1)]
 
 
 def test_compiled_graph_equals_eager():
