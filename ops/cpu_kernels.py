@@ -51,6 +51,7 @@ class CpuKernelBuildError(RuntimeError):
     """No C++ compiler, or the build failed (the message has the compiler's output)."""
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -14,7 +14,6 @@ tokens per expert, else the grouped GEMM).
 
 from __future__ import annotations
 
-import ctypes
 from typing import Callable
 
 import torch
@@ -39,10 +38,10 @@ def _check(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate: Tensor, 
 
 
 def experts_bf16(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_proj: Tensor, up_proj: Tensor,
-                 down_proj: Tensor, first_expert: int, lib: ctypes.CDLL | None = None) -> Tensor:  # fmt: skip
-    """The kernel, eagerly: x [T, D] bf16 -> [T, D] bf16 (experts_ref's result); `lib` defaults to load()'s."""
+                 down_proj: Tensor, first_expert: int) -> Tensor:  # fmt: skip
+    """The kernel, eagerly: x [T, D] bf16 -> [T, D] bf16 (experts_ref's result)."""
     _check(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj)
-    lib = lib if lib is not None else cpu_kernels.load()
+    lib = cpu_kernels.load()
     if lib is None:
         return _torch_forms(x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, first_expert)
     x, ids, w = x.contiguous(), expert_ids.contiguous(), expert_weights.contiguous()

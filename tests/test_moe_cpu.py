@@ -55,9 +55,10 @@ def test_kernel_matches_reference(tokens):
 
 
 @pytest.mark.parametrize("tokens", [1, 16, 40])
-def test_portable_path_matches_reference(tokens, portable_lib):
+def test_portable_path_matches_reference(tokens, portable_lib, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_lib", portable_lib)
     case = _case(tokens, seed=3)
-    _close_to_ref(moe_cpu.experts_bf16(*case, 0, lib=portable_lib), *case)
+    _close_to_ref(moe_cpu.experts_bf16(*case, 0), *case)
 
 
 def test_skewed_repeated_and_empty_experts():
@@ -130,3 +131,24 @@ def test_the_form_is_chosen_by_pairs_per_expert(monkeypatch):
 
     assert choices(compiling=True) == ["gathered", "kernel", "kernel", "grouped"]
     assert choices(compiling=False) == ["kernel", "kernel", "kernel", "grouped"]
+
+
+def test_without_the_torch_ops_library_the_kernels_run_through_python(monkeypatch):
+    """A toolchain that builds the C kernels but not bf16_ops.cpp (torch's headers): warned once,
+    and the ops' Python implementations call the kernels."""
+    build = cpu_kernels.build
+
+    def no_ops_build(*args, name: str = "kernels", **kwargs):
+        if name == "ops":
+            raise cpu_kernels.CpuKernelBuildError("torch headers missing (simulated)")
+        return build(*args, name=name, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_unavailable", None)
+    monkeypatch.setattr(cpu_kernels, "_ops_loaded", False)
+    monkeypatch.setattr(cpu_kernels, "build", no_ops_build)
+    with pytest.warns(RuntimeWarning, match=r"torch ops .* unavailable, calling the kernels through Python: .*simulated"):
+        assert cpu_kernels.load() is not None
+    assert "simulated" in cpu_kernels._ops_loaded
+    case = _case(5)
+    _close_to_ref(moe_cpu.experts_bf16(*case, 0), *case)
