@@ -48,9 +48,12 @@ def main() -> None:
     logging.set_verbosity_error()
     model_dir = args.model or str(default_model_dir())
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    variants = {"eager": LLM(model_dir)}
+    # repeats run the same prompts: without the prefix cache, so every prefill is computed (as
+    # transformers computes it) rather than found cached from the repeat before
+    uncached = EngineConfig(prefix_caching=False)
+    variants = {"eager": LLM(model_dir, engine_config=uncached)}
     if args.artifacts:
-        variants["compiled"] = LLM(model_dir, artifacts=args.artifacts)
+        variants["compiled"] = LLM(model_dir, artifacts=args.artifacts, engine_config=uncached)
     hf = GlmMoeDsaForCausalLM.from_pretrained(model_dir, dtype=variants["eager"].model.dtype).eval()
     bandwidth = read_bandwidth_bytes_per_s()
     report: dict = {"model": model_dir, "read_bandwidth_GBps": bandwidth / 1e9, "rows": []}
@@ -94,7 +97,7 @@ def main() -> None:
         prompts = torch.randint(22, 1300, (4, 32), generator=torch.Generator().manual_seed(99)).tolist()
         for name, plain in variants.items():
             spec = LLM(model_dir, artifacts=args.artifacts if name == "compiled" else None,
-                       engine_config=EngineConfig(num_speculative_tokens=args.mtp))  # fmt: skip
+                       engine_config=EngineConfig(num_speculative_tokens=args.mtp, prefix_caching=False))  # fmt: skip
             plain_s = _best(lambda: plain.generate(prompts, params), 1)
             plain_steps = plain.last_stats["steps"]
             spec_s = _best(lambda: spec.generate(prompts, params), 1)
@@ -119,7 +122,7 @@ def main() -> None:
             # from the plain run and is replaced by the speculative run's own output until it stays.
             truth = {tuple(p): p + o.token_ids for p, o in zip(prompts, plain.generate(prompts, params))}
             oracle = LLM(model_dir, artifacts=args.artifacts if name == "compiled" else None,
-                         engine_config=EngineConfig(num_speculative_tokens=args.mtp))  # fmt: skip
+                         engine_config=EngineConfig(num_speculative_tokens=args.mtp, prefix_caching=False))  # fmt: skip
             _draft_the_truth(oracle.engine.drafter, truth)
             for _ in range(4):
                 seen = {tuple(p): p + o.token_ids for p, o in zip(prompts, oracle.generate(prompts, params))}

@@ -28,7 +28,7 @@ from glm5c.bench.provenance import provenance
 from glm5c.graphs.buckets import Buckets
 from glm5c.graphs.compile import compile_artifacts, ops_for
 from glm5c.graphs.runner import GraphRunner
-from glm5c.ops import cpu_linear, dsa, gemv, linear_ref, moe
+from glm5c.ops import cpu_linear, dsa, dsa_cpu, gemv, linear_ref, moe
 from glm5c.weights import build_model
 
 
@@ -37,11 +37,25 @@ def _gemv_linear(x, weight, scale_inv=None):
 
 
 def _gemv_then_gemm(x, weight, scale_inv=None):
-    """linear_cpu without its kernel (what CPU graphs held before it)."""
+    """gemv up to 4 rows, then torch's GEMM (what CPU graphs held before the kernel)."""
     rows = x.numel() // ((weight.shape[0] if weight.dim() == 3 else 1) * x.shape[-1])
-    if scale_inv is None and rows <= cpu_linear.GEMV_MAX_ROWS:
+    if scale_inv is None and rows <= 4:
         return gemv(x, weight)
     return linear_ref(x, weight, scale_inv)
+
+
+def _gemv_then_kernel(x, weight, scale_inv=None):
+    """gemv up to 4 rows, then linear_cpu (the choice before the kernel's register tiles)."""
+    rows = x.numel() // ((weight.shape[0] if weight.dim() == 3 else 1) * x.shape[-1])
+    if scale_inv is None and rows <= 4:
+        return gemv(x, weight)
+    return cpu_linear.linear_cpu(x, weight, scale_inv)
+
+
+def _attention_gemv_then_kernel(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim):
+    """sparse_mla_gemv up to 4 tokens, then the kernel (the choice before its register tiles)."""
+    fn = dsa.sparse_mla_gemv if q.shape[0] <= 4 else dsa_cpu.sparse_mla
+    return fn(q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim)
 
 
 def _experts_kernel_op(x, expert_ids, expert_weights, gate, up, down, scales, first_expert, linear):
@@ -59,8 +73,10 @@ VARIANTS = {
     "linears: GEMM": ("linear", linear_ref),
     "linears: gemv": ("linear", _gemv_linear),
     "linears: gemv, then GEMM": ("linear", _gemv_then_gemm),
+    "linears: gemv to 4 rows, then kernel": ("linear", _gemv_then_kernel),
     "attention: BF16 matmuls": ("sparse_mla", dsa.sparse_mla_lowp),  # (beyond 4 tokens, the kernel before)
     "attention: fused gemv": ("sparse_mla", dsa.sparse_mla_gemv),
+    "attention: gemv to 4 tokens, then kernel": ("sparse_mla", _attention_gemv_then_kernel),
     "indexer: reference": ("indexer_topk", dsa.indexer_topk_ref),
 }
 

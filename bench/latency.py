@@ -7,6 +7,8 @@ engine (`--eager`) in the same run, iterations taken in turns, as ratios.
 An iteration: BATCH requests of INPUT_LEN random prompt tokens join the engine at once; greedy,
 OUTPUT_LEN tokens each (eos ignored). Prefill = until every request has its first token; the
 steps after it are decode steps, grouped by the compiled bucket they ran in (eager: by tokens).
+The engine runs without its prefix cache: iterations repeat the same prompts (until 2026-11-30
+they did with it on, and prefills after the first were mostly served from the cache).
 """
 
 from __future__ import annotations
@@ -123,7 +125,10 @@ def run(args: argparse.Namespace) -> dict:
 
     warm_allocator()  # the same allocator state for every run compared (bench/allocator.py)
     model_dir = args.model or str(default_model_dir())
-    config = EngineConfig(max_seqs=max(256, args.batch_size), num_speculative_tokens=args.speculative_tokens)
+    # every iteration repeats the same prompts: with the prefix cache on, all but the first would
+    # find their prompts' full blocks cached and skip most of the prefill transformers recomputes
+    config = EngineConfig(max_seqs=max(256, args.batch_size), num_speculative_tokens=args.speculative_tokens,
+                          prefix_caching=False)  # fmt: skip
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, artifacts=args.artifacts, engine_config=config)
     if args.input_len + args.output_len > llm.engine.max_model_len:
         raise ValueError(f"--input-len {args.input_len} + --output-len {args.output_len} exceed the context "

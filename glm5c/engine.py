@@ -204,7 +204,8 @@ class Engine:
         self, chunks: list[Chunk], hidden: torch.Tensor, logits: torch.Tensor
     ) -> tuple[list[StepOutput], list[CatchUp]]:
         """Sample (or verify drafts), append tokens, finish sequences. -> outputs, and the positions
-        each sequence validly computed this step with their hidden states (for the MTP drafter)."""
+        each sequence validly computed this step with their hidden states (with an MTP drafter: it
+        catches up on them; without one none are listed)."""
         # one batched sampling call for every sequence that samples a plain next token
         first_rows = self._logit_rows(chunks)
         plain = [(r, c.seq) for r, c in zip(first_rows, chunks) if c.needs_logits and not c.seq.draft]
@@ -230,7 +231,7 @@ class Engine:
         outputs, catch_ups = [], []
         offset = 0
         for chunk in chunks:
-            seq, rows_hidden = chunk.seq, hidden[offset : offset + chunk.num_tokens]
+            seq, first_row = chunk.seq, offset
             offset += chunk.num_tokens
             needs_logits = chunk.needs_logits  # (before the sequence grows below)
             new_tokens: list[int] = []
@@ -245,8 +246,8 @@ class Engine:
             seq.draft, seq.draft_probs = [], None
             self.blocks.cache_full_blocks(seq.id, seq.tokens, seq.num_computed)
             emitted = self._append(seq, new_tokens)
-            if seq.finish_reason is None:
-                catch_ups.append(CatchUp(seq, chunk.start, rows_hidden[:valid], wants_draft=needs_logits))
+            if seq.finish_reason is None and self.drafter is not None:  # (only the drafter reads them)
+                catch_ups.append(CatchUp(seq, chunk.start, hidden[first_row : first_row + valid], needs_logits))
             self.generated_tokens += len(emitted)
             if emitted:
                 lp = [logprobs[seq.id]] if seq.id in logprobs else None

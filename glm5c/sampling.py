@@ -127,35 +127,37 @@ class SamplingBatch:
                              f"{len(positions)} positions: one of each per row")  # fmt: skip
         if vocab_size < 1:
             raise ValueError(f"vocab_size={vocab_size} must be >= 1")
-        unseeded = torch.empty(sum(p.seed is None for p in params), dtype=torch.int64)
+        all_greedy = all(p.greedy for p in params)
+        # an all-greedy step draws no noise: its unseeded rows need no fresh seeds
+        unseeded = torch.zeros(0 if all_greedy else sum(p.seed is None for p in params), dtype=torch.int64)
         drawn = iter(unseeded.random_(generator=_UNSEEDED).tolist())
-        seeds = [_int64(p.seed) if p.seed is not None else next(drawn) for p in params]
-
-        def floats(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        def ints(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
-
+        seeds = [_int64(p.seed) if p.seed is not None else next(drawn, 0) for p in params]
+        # one tensor per dtype, its columns the fields (a torch.tensor call per field cost ~10 us each)
+        floats = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
+                                p.presence_penalty, p.frequency_penalty] for p in params],
+                              dtype=torch.float32, device=device).view(n, 6).unbind(1)  # fmt: skip
+        ints = torch.tensor([[p.top_k if 0 < p.top_k < vocab_size else vocab_size, seed, pos]
+                             for p, seed, pos in zip(params, seeds, positions)],
+                            dtype=torch.int64, device=device).view(n, 3).unbind(1)  # fmt: skip
         counts = seen = None
         if any(p.penalized for p in params):
             counts = _token_counts(output_tokens, vocab_size, device)  # [N, V]
             seen = (_token_counts(prompt_tokens, vocab_size, device) > 0) | (counts > 0)
         return cls(
             greedy=torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device),
-            temperature=floats([1.0 if p.greedy else p.temperature for p in params]),
-            top_k=ints([p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]),
-            top_p=floats([p.top_p for p in params]),
-            min_p=floats([p.min_p for p in params]),
-            seeds=ints(seeds),
-            positions=ints(positions),
-            repetition_penalty=floats([p.repetition_penalty for p in params]),
-            presence_penalty=floats([p.presence_penalty for p in params]),
-            frequency_penalty=floats([p.frequency_penalty for p in params]),
+            temperature=floats[0],
+            top_k=ints[0],
+            top_p=floats[1],
+            min_p=floats[2],
+            seeds=ints[1],
+            positions=ints[2],
+            repetition_penalty=floats[3],
+            presence_penalty=floats[4],
+            frequency_penalty=floats[5],
             output_counts=counts,
             seen=seen,
             use_top_k_top_p=any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p in params),
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=all_greedy,
             want_logprobs=any(p.logprobs is not None for p in params),
             num_top_logprobs=min(max((p.logprobs or 0 for p in params), default=0), vocab_size),
         )

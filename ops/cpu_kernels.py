@@ -34,7 +34,7 @@ from .cutlass.build import cache_dir
 SOURCES = {"kernels": Path(__file__).resolve().parent / "cpu" / "bf16_kernels.cpp",
            "ops": Path(__file__).resolve().parent / "cpu" / "bf16_ops.cpp"}  # fmt: skip
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -145,7 +145,7 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_int]
     fn = lib.glm5c_linear_bf16
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2
     fn = lib.glm5c_sparse_mla_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]

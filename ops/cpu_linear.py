@@ -2,16 +2,22 @@
 
 A BF16 GEMM library call on a CPU (oneDNN through aten::mm / bmm) costs ~15-20 us before it reads
 anything (bench/results/2026-11-30-cpu-gemv.md): more than reading a 512x512 weight takes. So:
-  - up to GEMV_MAX_ROWS rows: `gemv`, a multiply-and-sum that Inductor emits as one vectorised loop
-    fused with whatever produces x (in a graph; eagerly, as for the LM head, the kernel below:
-    mini's [1, 512] x [1408, 512] 79 -> 21 us);
-  - up to KERNEL_MAX_ROWS rows: the C++ kernel (ops/cpu/bf16_kernels.cpp: glm5c_linear_bf16) as
-    the opaque op `glm5c::linear_bf16_cpu`: threads split the weight rows and stream each once
-    for all rows of x (~5 us a call through the dispatcher);
+  - one row: `gemv`, a multiply-and-sum that Inductor emits as one vectorised loop fused with
+    whatever produces x (in a graph; eagerly, as for the LM head, the kernel below: mini's
+    [1, 512] x [1408, 512] 79 -> 21 us);
+  - 2 to KERNEL_MAX_ROWS rows: the C++ kernel (ops/cpu/bf16_kernels.cpp: glm5c_linear_bf16) as the
+    opaque op `glm5c::linear_bf16_cpu`: threads split the weight rows and stream each once for
+    all rows of x (~5 us a call through the dispatcher). gemv took up to 4 rows until the kernel
+    had register tiles; since, whole mini decode graphs at 2 and 4 tokens take 0.86x and 0.80x
+    the time with the kernel (bench/results/2026-11-30-cpu-tiles.md);
   - beyond: torch's GEMM (linear_ref).
-Per-head weights [H, out, in] (MLA's absorbed projections) take the same path, head by head.
-Whole mini decode graphs with the kernel instead of torch's GEMMs (bench/cpu_graph_ops.py):
-0.82x the time at 8 tokens, 0.90x at 16.
+Other dtypes (the indexer's fp32 weights_proj) take gemv up to FP32_GEMV_MAX_ROWS rows, then torch.
+Per-head weights [H, out, in] (MLA's absorbed projections) take the same path, head by head, read
+in place as the model passes them (w_uk^T: a transposed view, w_uv: a split of kv_b_proj's weight;
+copying them cost ~40 us a call). Whole mini decode graphs with the kernel instead of torch's GEMMs
+(bench/cpu_graph_ops.py): 0.82x the time at 8 tokens, 0.90x at 16 (before its register tiles). Up
+to 16 rows it beats oneDNN (mini's 512 x 256 at 16 rows 11 vs 20 us); from 24-32 rows on oneDNN's
+larger tiles win, so the kernel stops at 16.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from torch import Tensor
 from . import cpu_kernels
 from .gemv import gemv
 
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 1
+FP32_GEMV_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 16
 
 
@@ -43,12 +50,28 @@ def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
         if weight.dim() == 3:
             return torch.bmm(x.transpose(0, 1), weight.transpose(1, 2)).transpose(0, 1)
         return F.linear(x, weight)
-    x, weight = x.contiguous(), weight.contiguous()
+    x, weight, transposed = kernel_layout(x, weight)
     out = x.new_empty(*x.shape[:-1], weight.shape[-2])
     rc = lib.glm5c_linear_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], heads,
-                               weight.shape[-1], weight.shape[-2], torch.get_num_threads())  # fmt: skip
+                               weight.shape[-1], weight.shape[-2], x.stride(0), x.stride(1) if heads > 1 else 0,
+                               weight.stride(0) if heads > 1 else 0, weight.stride(-1 if transposed else -2),
+                               int(transposed), torch.get_num_threads())  # fmt: skip
     cpu_kernels.check_status("linear_bf16_cpu", rc)
     return out
+
+
+def kernel_layout(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(x, weight, transposed) as the kernel reads them in place: rows of x and of the weight with
+    adjacent elements, any other strides (a head's slice of a fused weight, a split of q); or the
+    weight's transpose stored row by row (MLA's w_uk^T, a view of kv_b_proj: transposed=True).
+    Anything else is copied (bf16_ops.cpp decides the same)."""
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        x = x.contiguous()
+    if weight.stride(-1) == 1 or weight.shape[-1] == 1:
+        return x, weight, False
+    if weight.stride(-2) == 1:
+        return x, weight, True
+    return x, weight.contiguous(), False
 
 
 cpu_kernels.define_op(
@@ -65,12 +88,15 @@ def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
 
     heads = weight.shape[0] if weight.dim() == 3 else 1
     rows = x.numel() // (heads * x.shape[-1])
-    bf16 = x.dtype == weight.dtype == torch.bfloat16
-    # eagerly (the LM head, outside the graphs) gemv would be a GEMM call: the kernel instead
-    if scale_inv is None and rows <= GEMV_MAX_ROWS and (torch.compiler.is_compiling() or not bf16):
+    if scale_inv is None and x.dtype == weight.dtype == torch.bfloat16:
+        # eagerly (the LM head, outside the graphs) gemv would be a GEMM call: the kernel instead
+        if rows <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
+            return gemv(x, weight)
+        if rows <= KERNEL_MAX_ROWS:
+            if weight.dim() == 3:
+                return torch.ops.glm5c.linear_bf16_cpu(x, weight)
+            out = torch.ops.glm5c.linear_bf16_cpu(x.reshape(rows, x.shape[-1]), weight)
+            return out.view(*x.shape[:-1], weight.shape[-2])  # (not -1: zero rows, as a step without logits has)
+    elif scale_inv is None and rows <= FP32_GEMV_MAX_ROWS:
         return gemv(x, weight)
-    if scale_inv is None and rows <= KERNEL_MAX_ROWS and bf16:
-        if weight.dim() == 3:
-            return torch.ops.glm5c.linear_bf16_cpu(x, weight)
-        return torch.ops.glm5c.linear_bf16_cpu(x.reshape(rows, x.shape[-1]), weight).view(*x.shape[:-1], -1)
     return linear_ref(x, weight, scale_inv)

@@ -11,8 +11,10 @@ takes all of them unscored. An FP8 index cache takes the reference.
 sums, softmax in fp32, BF16 probabilities) as the opaque op `glm5c::sparse_mla_cpu`, which a
 compiled graph calls: ops/cpu/bf16_kernels.cpp (glm5c_sparse_mla_bf16). sparse_mla_lowp gathers a
 [T, K, Dk] copy of the entries (index arithmetic per vector: ~170 us a layer at 16 tokens on
-mini) and calls two GEMMs; the kernel reads the entries where they are. Built and loaded by
-ops/cpu_kernels.py; without a compiler the op runs sparse_mla_lowp.
+mini) and calls two GEMMs; the kernel reads the entries where they are, scores them in register
+tiles, takes the softmax in 16 lanes and sums the values over pairs of entries with vdpbf16ps
+(16 tokens x 8 heads over 256 entries each: 256 -> 52 us, the one-entry-at-a-time form before).
+Built and loaded by ops/cpu_kernels.py; without a compiler the op runs sparse_mla_lowp.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from torch import Tensor
 
 from . import cpu_kernels, dsa
 
-GEMV_MAX_TOKENS = 4  # sparse_mla: dsa.sparse_mla_gemv (fused into the graph) for at most this many tokens
 
 
 def sparse_mla_bf16(q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor,
@@ -97,13 +98,12 @@ def indexer_topk(
     q: Tensor, weights: Tensor, index_cache: Tensor, block_tables: Tensor, seq_ids: Tensor, positions: Tensor,
     topk: int, index_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Ops.indexer_topk for a CPU's BF16 graphs: the kernel's op for a BF16 index cache beyond four
-    tokens, else the reference. Up to four tokens the attention after it is `sparse_mla_gemv`, and
-    with the op before it Inductor fused the query's computation (RoPE, norms) into that loop,
-    redoing it per selected entry: whole mini decode graphs 5.5x slower at 1 token, 6.7x at 4
-    (bench/cpu_graph_ops.py); with the reference's extern top-k call between them it does not."""
-    if q.shape[0] > GEMV_MAX_TOKENS and index_scale is None and index_cache.dtype == torch.bfloat16 \
-            and q.dtype == weights.dtype == torch.float32:  # fmt: skip
+    """Ops.indexer_topk for a CPU's BF16 graphs: the kernel's op for a BF16 index cache, else the
+    reference. (While the attention after it was `sparse_mla_gemv` for up to 4 tokens, the op
+    could not come before it: Inductor fused the query's computation (RoPE, norms) into that loop,
+    redoing it per selected entry, whole mini decode graphs 5.5-6.7x slower. With both ops opaque
+    nothing is fused across them.)"""
+    if index_scale is None and index_cache.dtype == torch.bfloat16 and q.dtype == weights.dtype == torch.float32:
         return torch.ops.glm5c.indexer_topk_cpu(q, weights, index_cache, block_tables, seq_ids, positions, topk)
     return dsa.indexer_topk_ref(q, weights, index_cache, block_tables, seq_ids, positions, topk, index_scale)
 
@@ -111,13 +111,11 @@ def indexer_topk(
 def sparse_mla(
     q: Tensor, kv_cache: Tensor, indices: Tensor, block_tables: Tensor, seq_ids: Tensor, softmax_scale: float, v_dim: int
 ) -> Tensor:  # fmt: skip
-    """Ops.sparse_mla for a CPU's BF16 graphs, chosen by static shape per bucket: for up to four
-    tokens dsa.sparse_mla_gemv, whose loops Inductor fuses into the graph (reading the paged cache
-    in place, no op call; bench/results/2026-11-30-cpu-gemv.md: mini's decode graph 1.17x slower at
-    batch 1 with GEMMs, even at 4), beyond that the kernel's op. Not BF16: sparse_mla_lowp."""
+    """Ops.sparse_mla for a CPU's BF16 graphs: the kernel's op for any number of tokens (not BF16:
+    sparse_mla_lowp). Until the kernel had register tiles, up to 4 tokens took dsa.sparse_mla_gemv,
+    loops Inductor fuses into the graph; with the kernel (and the indexer's) whole mini decode
+    graphs now take 0.80-0.87x the time at 1 token, 0.64x at 4 (bench/results/2026-11-30-cpu-tiles.md)."""
     args = (q, kv_cache, indices, block_tables, seq_ids, softmax_scale, v_dim)
     if not q.dtype == kv_cache.dtype == torch.bfloat16:
         return dsa.sparse_mla_lowp(*args)
-    if q.shape[0] <= GEMV_MAX_TOKENS:
-        return dsa.sparse_mla_gemv(*args)
     return torch.ops.glm5c.sparse_mla_cpu(*args)

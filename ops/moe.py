@@ -119,8 +119,11 @@ def experts_grouped_mm(
     y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=group_ends)  # [T*k, D]
     # rows past the last group (other ranks' pairs) are left unwritten by the GEMM: select, not scale
     y = torch.where(is_local[:, None], y.float() * expert_weights.flatten()[order, None], 0.0)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token, y)
-    return out.to(x.dtype)
+    # back in (token, slot) order, then each token's top_k rows summed: an index_add_ over `token`
+    # would compile to atomic adds (a CPU's 256-token prefill graph spent ~28% of its time in their
+    # compare-and-swap loops) and sum in no fixed order
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    return y[inverse].view(x.shape[0], top_k, y.shape[-1]).sum(1).to(x.dtype)  # [T, D]
 
 
 def experts_dense(

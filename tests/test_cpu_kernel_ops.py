@@ -22,7 +22,10 @@ def _bf16(*shape: int, seed: int) -> torch.Tensor:
 
 
 def test_linear_op_is_the_kernel():
-    for x, w in ((_bf16(7, 96, seed=1), _bf16(40, 96, seed=2)), (_bf16(9, 3, 64, seed=3), _bf16(3, 24, 64, seed=4))):
+    kv_b = _bf16(3, 40, 48, seed=5)
+    for x, w in ((_bf16(7, 96, seed=1), _bf16(40, 96, seed=2)), (_bf16(9, 3, 64, seed=3), _bf16(3, 24, 64, seed=4)),
+                 (_bf16(6, 3, 30, seed=6)[..., :24], kv_b[:, :24].transpose(1, 2)),  # views: x @ W in place
+                 (_bf16(6, 3, 48, seed=7), kv_b[:, 24:]), (_bf16(6, 40, seed=8), _bf16(40, 20, seed=9).t())):
         assert torch.equal(torch.ops.glm5c.linear_bf16_cpu(x, w), cpu_linear.linear_bf16(x, w))
     with pytest.raises(RuntimeError, match=r"linear_bf16_cpu: x is Float \[5, 16\] on cpu, expected a 2-d BFloat16"):
         torch.ops.glm5c.linear_bf16_cpu(torch.randn(5, 16), _bf16(8, 16, seed=0))

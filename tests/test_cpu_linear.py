@@ -38,11 +38,39 @@ def test_kernel_matches_torch(rows, monkeypatch, request):
     heads_x, heads_w = _bf16(rows, 3, 96, seed=rows), _bf16(3, 40, 96, seed=7)
     want = torch.bmm(heads_x.transpose(0, 1), heads_w.transpose(1, 2)).transpose(0, 1)
     _close(cpu_linear.linear_bf16(heads_x, heads_w), want)
+    # an odd number of weight rows (the last pair has one), and x past L1 (tiles of x outer)
+    wide_x, odd_w = _bf16(rows, 700, seed=rows), _bf16(37, 700, seed=3)
+    _close(cpu_linear.linear_bf16(wide_x, odd_w), F.linear(wide_x, odd_w))
     if rows in (5, 16):  # the portable dot products too
         lib = request.getfixturevalue("portable_lib")
         monkeypatch.setattr(cpu_kernels, "_lib", lib)
         _close(cpu_linear.linear_bf16(x, w), F.linear(x, w))
         _close(cpu_linear.linear_bf16(heads_x, heads_w), want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 9, 16])
+def test_views_are_read_in_place(rows, monkeypatch, request):
+    """MLA's absorbed projections as the model passes them: w_uk^T (a transposed view of kv_b_proj's
+    weight: the x @ W form), w_uv (a split: rows strided by head) and q_nope (a split of q); a
+    plain transposed weight, odd widths. Same results as torch, and nothing is copied first."""
+    heads, nope, v, lat = 3, 37, 24, 70  # odd in_features for x @ W (its last pair is half)
+    kv_b = _bf16(heads, nope + v, lat, seed=rows)
+    w_uk, w_uv = kv_b.split([nope, v], dim=1)  # [H, nope, L], [H, v, L]
+    q = _bf16(rows, heads, nope + 16, seed=rows + 1)
+    q_nope = q[..., :nope]  # [T, H, nope], token stride H * (nope + 16)
+    lat_x = _bf16(rows, heads, lat, seed=rows + 2)
+    flat_w, flat_x = _bf16(45, 66, seed=3), _bf16(rows, 45, seed=4)
+    cases = [(q_nope, w_uk.transpose(1, 2)), (lat_x, w_uv), (flat_x, flat_w.t())]
+    for x, w in cases:
+        assert cpu_linear.kernel_layout(x, w)[1].data_ptr() == w.data_ptr()  # in place, not a copy
+    libs = [None] + ([request.getfixturevalue("portable_lib")] if rows in (5, 16) else [])
+    for lib in libs:
+        if lib is not None:
+            monkeypatch.setattr(cpu_kernels, "_lib", lib)
+        for x, w in cases:
+            want = (torch.bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1) if w.dim() == 3
+                    else F.linear(x, w))  # fmt: skip
+            _close(cpu_linear.linear_bf16(x, w), want)
 
 
 def test_linear_cpu_takes_gemv_then_the_kernel_then_torch(monkeypatch):
@@ -52,16 +80,20 @@ def test_linear_cpu_takes_gemv_then_the_kernel_then_torch(monkeypatch):
     monkeypatch.setattr(ops, "linear_ref", lambda x, w, s=None: calls.append(("torch", x.shape[0])) or F.linear(x, w))
     w = _bf16(8, 16, seed=0)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # in a graph
-    for rows in (4, 5, 16, 17):
+    for rows in (1, 2, 16, 17):
         cpu_linear.linear_cpu(_bf16(rows, 16, seed=rows), w)
+    cpu_linear.linear_cpu(torch.randn(4, 16), w.float())  # fp32: gemv up to 4 rows
     cpu_linear.linear_cpu(torch.randn(2, 4, 16), w.float())  # 8 rows, fp32: torch
     cpu_linear.linear_cpu(_bf16(2, 3, 16, seed=1), w)  # [.., in] rows flatten: 6 rows
-    assert calls == [("gemv", 4), ("kernel", 5), ("kernel", 16), ("torch", 17), ("torch", 2), ("kernel", 6)]
+    assert calls == [("gemv", 1), ("kernel", 2), ("kernel", 16), ("torch", 17), ("gemv", 4), ("torch", 2),
+                     ("kernel", 6)]  # fmt: skip
     calls.clear()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)  # eagerly: the LM head
     cpu_linear.linear_cpu(_bf16(1, 16, seed=1), w)
     cpu_linear.linear_cpu(torch.randn(1, 16), w.float())
     assert calls == [("kernel", 1), ("gemv", 1)]
+    monkeypatch.undo()  # the real kernel: a step whose chunks want no logits has zero rows
+    assert cpu_linear.linear_cpu(_bf16(0, 16, seed=1), w).shape == (0, 8)
 
 
 def test_compiled_graph_equals_eager():

@@ -47,16 +47,16 @@ def test_portable_path(tmp_path, monkeypatch):
     _check(dsa_cpu.sparse_mla_bf16(*_case(seed=1)), _case(seed=1))
 
 
-def test_graphs_take_gemv_for_few_tokens_then_the_kernel(monkeypatch):
+def test_graphs_take_the_kernel_for_any_tokens_in_bf16(monkeypatch):
     calls = []
     monkeypatch.setattr(dsa, "sparse_mla_gemv", lambda *a: calls.append(("gemv", a[0].shape[0])))
     monkeypatch.setattr(torch.ops.glm5c, "sparse_mla_cpu", lambda *a: calls.append(("kernel", a[0].shape[0])) or a[0])
     monkeypatch.setattr(dsa, "sparse_mla_lowp", lambda *a: calls.append(("lowp", a[0].shape[0])))
-    for tokens in (4, 5):
+    for tokens in (1, 4, 5):
         dsa_cpu.sparse_mla(*_case(tokens))
     q, cache, *rest = _case(5)
     dsa_cpu.sparse_mla(q.float(), cache.float(), *rest)
-    assert calls == [("gemv", 4), ("kernel", 5), ("lowp", 5)]
+    assert calls == [("kernel", 1), ("kernel", 4), ("kernel", 5), ("lowp", 5)]
 
 
 def test_bad_input_is_named():
@@ -112,17 +112,17 @@ def test_indexer_topk_kernel_picks_the_references_keys(portable, tmp_path, monke
             assert torch.allclose(scores[t][got[t].long()].sort().values, best.sort().values, rtol=1e-5, atol=1e-5)
 
 
-def test_graphs_take_the_indexer_kernel_for_a_bf16_cache_beyond_four_tokens(monkeypatch):
+def test_graphs_take_the_indexer_kernel_for_a_bf16_cache(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.ops.glm5c, "indexer_topk_cpu", lambda *a: calls.append("kernel"))
     monkeypatch.setattr(dsa, "indexer_topk_ref", lambda *a: calls.append("ref"))
     q, weights, cache, tables, seq_ids, positions = _indexer_case()  # 7 tokens
     dsa_cpu.indexer_topk(q, weights, cache, tables, seq_ids, positions, 8)
-    dsa_cpu.indexer_topk(q[:4], weights[:4], cache, tables, seq_ids[:4], positions[:4], 8)  # 4 tokens: reference
+    dsa_cpu.indexer_topk(q[:1], weights[:1], cache, tables, seq_ids[:1], positions[:1], 8)  # 1 token
     dsa_cpu.indexer_topk(q, weights, cache.float(), tables, seq_ids, positions, 8)  # an fp32 cache
     dsa_cpu.indexer_topk(q, weights, cache.to(torch.float8_e4m3fn), tables, seq_ids, positions, 8,
                          torch.ones(30, 4))  # an FP8 cache with its scales  # fmt: skip
-    assert calls == ["kernel", "ref", "ref", "ref"]
+    assert calls == ["kernel", "kernel", "ref", "ref"]
 
 
 def test_indexer_bad_input_is_named():

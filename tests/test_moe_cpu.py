@@ -66,6 +66,10 @@ def test_skewed_repeated_and_empty_experts():
     ids[:, 0] = 5  # every token's first choice is expert 5: 37 rows, five 8-row chunks
     ids[:, 1:] %= 3  # experts 3..15 get nothing, and a token may pick an expert twice (the weights add)
     _close_to_ref(moe_cpu.experts_bf16(x, ids, weights, *w, 0), x, ids, weights, *w)
+    # one expert's tokens past L1 (150 x 200 wide: the kernel walks tiles of 8 tokens outermost)
+    x, ids, weights, *w = _case(150, hidden=200, inter=72, seed=2)
+    ids[:, 0] = 5
+    _close_to_ref(moe_cpu.experts_bf16(x, ids, weights, *w, 0), x, ids, weights, *w)
 
 
 def test_expert_parallel_shards_sum_to_the_whole():

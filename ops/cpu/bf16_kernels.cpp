@@ -14,10 +14,15 @@
 //   Two passes (every thread reads its slice of every chosen expert, so each weight byte is read
 //   once): gate/up rows i -> act [pairs, I] bf16, then down rows d -> out[:, d].
 //
-// glm5c_linear_bf16 (ops/cpu_linear.py; reference ops/__init__.py: linear_ref): x @ w^T, per head.
+// glm5c_linear_bf16 (ops/cpu_linear.py; reference ops/__init__.py: linear_ref): x @ w^T, per head;
+//   strided rows and transposed weights are read in place (MLA's absorbed w_uk^T and w_uv).
 //
 // glm5c_sparse_mla_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: sparse_mla_lowp): each token's heads
 // attend over its selected cache entries, read straight from the paged cache (no gathered copy).
+//
+// With AVX512-BF16 the products run as register tiles (dot_tile: a few weight rows against up to 8
+// rows of x, one reduction for 16 dot products; weighted_rows: x @ W with entries paired for
+// vdpbf16ps) and the exponentials (softmax, silu) in 16 lanes (exp512).
 //
 // glm5c_indexer_topk_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: indexer_topk_ref): the indexer's
 // scores over the paged key cache and their top-k, per token.
@@ -105,6 +110,287 @@ inline void dots_n(int n, const uint16_t* w, const uint16_t* const* xs, int64_t 
   }
 }
 
+#if GLM5C_DPBF16
+// Tiles of dot products (linear, experts, attention scores): 2 weight rows against up to 8 rows of x,
+// or 4 against up to 4, 16 accumulators in registers, so each 64-byte load feeds several vdpbf16ps
+// (the one-row form above needs a load per product and a reduction per dot product; 16 rows x
+// 512 x 1536 from memory: 72 -> 48 us on this 2-core Zen 5). x is first packed per tile of 8 rows
+// as [ceil(K / 32)][m][32] bf16, zero past K, so one pointer with constant offsets reaches all its
+// rows. (GCC keeps the accumulator arrays in registers only while nothing takes their address:
+// no lambdas over them, hsum16 always inlined; check the assembly after changing these.)
+constexpr int kTileRows = 8;
+constexpr int64_t kStreamAhead = 2048;
+
+inline int64_t packed_len(int64_t len) { return (len + 31) / 32 * 32; }
+
+// xp <- the n rows xs[j][0:len] packed: tile i (rows 8i ..) at xp + i * 8 * packed_len(len).
+inline void pack_rows(const uint16_t* const* xs, int n, int64_t len, uint16_t* xp) {
+  const int64_t len32 = packed_len(len);
+  for (int j0 = 0; j0 < n; j0 += kTileRows) {
+    const int m = std::min(kTileRows, n - j0);
+    uint16_t* tile = xp + int64_t(j0) * len32;
+    for (int64_t k = 0; k < len32; k += 32)
+      for (int j = 0; j < m; ++j) {
+        uint16_t* dst = tile + k * m + j * 32;
+        const int64_t have = std::min<int64_t>(32, std::max<int64_t>(0, len - k));
+        memcpy(dst, xs[j0 + j] + k, have * 2);
+        memset(dst + have, 0, (32 - have) * 2);
+      }
+  }
+}
+
+// Lane i of the result = the sum of v[kHsumInverse[i]]'s 16 lanes (4 rounds of shuffles and adds).
+__attribute__((always_inline)) inline __m512 hsum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+}
+// hsum16's lane order (a 4 x 4 transpose, its own inverse): permuting its result by this puts
+// v[i]'s sum in lane i.
+alignas(64) constexpr int32_t kHsumInverse[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+// y[r * (16 / R) + j] = dot(w[r][0:len], x_j) for r < R, j < M (R * M <= 16): x_j packed (pack_rows'
+// tile), 16 accumulators and one reduction (hsum16) for the lot. next[r]: what the caller reads
+// next, prefetched a chunk at a time alongside.
+template <int R, int M>
+inline void dot_tile(const uint16_t* const* w, int64_t len, const uint16_t* xp, const uint16_t* const* next, float* y) {
+  static_assert(R * M <= 16, "16 accumulators");
+  constexpr int MS = 16 / R;
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  // (the two loops repeat themselves: a lambda holding acc would keep it in memory, not registers)
+  int64_t k = 0;
+  for (; k + 32 <= len; k += 32) {
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch((const char*)(next[r] + k), _MM_HINT_T0);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + k);
+    }
+    const uint16_t* xk = xp + k * M;
+    for (int j = 0; j < M; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + j * 32);
+      for (int r = 0; r < R; ++r) acc[r * MS + j] = _mm512_dpbf16_ps(acc[r * MS + j], wv[r], xv);
+    }
+  }
+  if (k < len) {  // the last partial chunk: weights masked, x is zero past len
+    const __mmask32 mask = __mmask32((1ull << (len - k)) - 1);
+    __m512bh wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w[r] + k);
+    const uint16_t* xk = xp + k * M;
+    for (int j = 0; j < M; ++j) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + j * 32);
+      for (int r = 0; r < R; ++r) acc[r * MS + j] = _mm512_dpbf16_ps(acc[r * MS + j], wv[r], xv);
+    }
+  }
+  _mm512_storeu_ps(y, _mm512_permutexvar_ps(_mm512_load_si512(kHsumInverse), hsum16(acc)));
+}
+
+// Lanes per weight row in dot_tile's result (16 / R, without a division).
+inline int row_lanes(int R) { return R == 4 ? 4 : 8; }
+
+// dot_tile for R = 2 (m <= 8 rows of x) or R = 4 (m <= 4).
+inline void dot_tile_n(int R, int m, const uint16_t* const* w, int64_t len, const uint16_t* xp,
+                       const uint16_t* const* next, float* y) {
+  if (R == 4) {
+    switch (m) {
+      case 1: dot_tile<4, 1>(w, len, xp, next, y); break;
+      case 2: dot_tile<4, 2>(w, len, xp, next, y); break;
+      case 3: dot_tile<4, 3>(w, len, xp, next, y); break;
+      default: dot_tile<4, 4>(w, len, xp, next, y); break;
+    }
+    return;
+  }
+  switch (m) {
+    case 1: dot_tile<2, 1>(w, len, xp, next, y); break;
+    case 2: dot_tile<2, 2>(w, len, xp, next, y); break;
+    case 3: dot_tile<2, 3>(w, len, xp, next, y); break;
+    case 4: dot_tile<2, 4>(w, len, xp, next, y); break;
+    case 5: dot_tile<2, 5>(w, len, xp, next, y); break;
+    case 6: dot_tile<2, 6>(w, len, xp, next, y); break;
+    case 7: dot_tile<2, 7>(w, len, xp, next, y); break;
+    default: dot_tile<2, 8>(w, len, xp, next, y); break;
+  }
+}
+
+// y[0:16] -> bf16 (round to nearest even, as f32_to_bf16), in 16 lanes.
+inline void to_bf16_16(const float* y, uint16_t* out) {
+  _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(y)));
+}
+
+// round_bf16 in 16 lanes.
+inline __m512 round_bf16_16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// For weight rows r in [r0, r1) (row(r): its elements) and the n packed rows of x, R rows at a time
+// (R = 4 while x has at most 4 rows, so a tile still fills 16 accumulators; else 2) against tiles of
+// up to 16 / R rows of x: emit(r, R, j0, m, y) with y[i * row_lanes(R) + j] = dot(row(r + i), x_{j0 + j})
+// for i < R, j < m; rows past r1 repeat row r1 - 1 (their results are to be ignored).
+// streams: the rows are streams through memory (weights), prefetched kStreamAhead elements (4 KB)
+// ahead in each, which the hardware's own prefetcher alone does not keep up with (experts from
+// memory 1.14x, a 512 x 1536 weight 1.6x faster); else (attention's scattered cache entries) the
+// next R rows are prefetched. Rows outer and tiles of x inner while all of x fits in L1 beside the
+// weights (each weight row read once, x reread from L1), else tiles outer.
+template <class Row, class Emit>
+inline void dot_rows(Row row, int64_t r0, int64_t r1, int64_t len, const uint16_t* xp, int n, bool streams, Emit emit) {
+  alignas(64) float y[16];
+  const int64_t len32 = packed_len(len);
+  const int R = n <= 4 ? 4 : 2, tile_rows = row_lanes(R);
+  const bool rows_outer = int64_t(n) * len32 * 2 <= 24 * 1024;
+  auto run = [&](int64_t r, int j0) {
+    const uint16_t *w[4], *next[4];
+    for (int i = 0; i < R; ++i) {
+      w[i] = row(std::min(r + i, r1 - 1));
+      next[i] = streams ? w[i] + kStreamAhead : row(std::min(r + R + i, r1 - 1));
+    }
+    const int m = std::min(tile_rows, n - j0);
+    dot_tile_n(R, m, w, len, xp + int64_t(j0) * len32, next, y);
+    emit(r, R, j0, m, y);
+  };
+  if (rows_outer) {
+    for (int64_t r = r0; r < r1; r += R)
+      for (int j0 = 0; j0 < n; j0 += tile_rows) run(r, j0);
+  } else {
+    for (int j0 = 0; j0 < n; j0 += tile_rows)
+      for (int64_t r = r0; r < r1; r += R) run(r, j0);
+  }
+}
+
+// e^x in 16 lanes, within ~2 ulp of expf (softmax's exponent, silu's): 2^n * e^r with
+// n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7; NaN stays NaN.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.f), x);  // e^-104 is 0 in fp32 already (NaN: x)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out_j[v] (bf16) = sum_k p_j[k] e_k[v] for HN rows j and v in [v_begin, v_end): p_j[0:n] bf16,
+// e_k = rows[k]. 32 of v at a time, 2 * HN accumulators in registers (HN is a template argument so
+// they stay there); vdpbf16ps pairs e_2u and e_2u+1, whose values unpacklo/hi interleave: lane i of
+// lo / hi then holds v = 8 (i / 4) + i % 4 (+ 4 for hi). Attention's values (p: a head's
+// probabilities, e: cache entries) and x @ W (p: a token's x, e: W's rows).
+template <int HN>
+inline void weighted_rows(const uint16_t* const* rows, int64_t n, const uint16_t* const* p, int64_t v_begin,
+                          int64_t v_end, uint16_t* const* out) {
+  alignas(64) float lanes[32];
+  for (int64_t v0 = v_begin; v0 < v_end; v0 += 32) {
+    const __mmask32 live = v0 + 32 <= v_end ? __mmask32(0xffffffffu) : __mmask32((1ull << (v_end - v0)) - 1);
+    __m512 lo_acc[HN], hi_acc[HN];
+#pragma GCC unroll 8
+    for (int h = 0; h < HN; ++h) lo_acc[h] = hi_acc[h] = _mm512_setzero_ps();
+    auto step = [&](const uint16_t* e0, const uint16_t* e1, const int64_t k, const bool pair) {
+      const __m512i a = _mm512_maskz_loadu_epi16(live, e0 + v0);
+      const __m512i b = pair ? _mm512_maskz_loadu_epi16(live, e1 + v0) : _mm512_setzero_si512();
+      const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+#pragma GCC unroll 8
+      for (int h = 0; h < HN; ++h) {
+        uint32_t pp = p[h][k];  // an odd n's last p pairs with 0
+        if (pair) memcpy(&pp, p[h] + k, 4);
+        const __m512bh pv = (__m512bh)_mm512_set1_epi32(int32_t(pp));
+        lo_acc[h] = _mm512_dpbf16_ps(lo_acc[h], lo, pv);
+        hi_acc[h] = _mm512_dpbf16_ps(hi_acc[h], hi, pv);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 1 < n; k += 2) step(rows[k], rows[k + 1], k, true);
+    if (k < n) step(rows[k], rows[k], k, false);
+#pragma GCC unroll 8
+    for (int h = 0; h < HN; ++h) {
+      _mm512_store_ps(lanes, lo_acc[h]);
+      _mm512_store_ps(lanes + 16, hi_acc[h]);
+      uint16_t* o = out[h] + v0;
+      for (int64_t v = 0; v < std::min<int64_t>(32, v_end - v0); ++v) {
+        const int64_t blk = v / 8, i = v % 8;
+        o[v] = f32_to_bf16(i < 4 ? lanes[4 * blk + i] : lanes[16 + 4 * blk + i - 4]);
+      }
+    }
+  }
+}
+
+// weighted_rows for any number of rows j: blocks of 8 (the last by a switch on its size).
+inline void weighted_rows_n(const uint16_t* const* rows, int64_t n, const uint16_t* const* p, int64_t m,
+                            int64_t v_begin, int64_t v_end, uint16_t* const* out) {
+  for (int64_t j0 = 0; j0 < m; j0 += 8) {
+    const uint16_t* const* pj = p + j0;
+    uint16_t* const* oj = out + j0;
+    switch (std::min<int64_t>(8, m - j0)) {
+      case 1: weighted_rows<1>(rows, n, pj, v_begin, v_end, oj); break;
+      case 2: weighted_rows<2>(rows, n, pj, v_begin, v_end, oj); break;
+      case 3: weighted_rows<3>(rows, n, pj, v_begin, v_end, oj); break;
+      case 4: weighted_rows<4>(rows, n, pj, v_begin, v_end, oj); break;
+      case 5: weighted_rows<5>(rows, n, pj, v_begin, v_end, oj); break;
+      case 6: weighted_rows<6>(rows, n, pj, v_begin, v_end, oj); break;
+      case 7: weighted_rows<7>(rows, n, pj, v_begin, v_end, oj); break;
+      default: weighted_rows<8>(rows, n, pj, v_begin, v_end, oj); break;
+    }
+  }
+}
+
+// One token's sparse MLA once its n selected entries are known (rows[k]: the entry's Dk values):
+// scores by tiles (entries x the token's heads, dot_rows), softmax over each head's n scores
+// in 16 lanes, then out[h, :V] = sum_k p[h, k] e_k[:V] with vdpbf16ps over pairs of entries (the
+// probabilities are bf16 already, as sparse_mla_lowp rounds them). sc [H * n2], pb [H * n2], xp:
+// scratch, n2 = n rounded up to even.
+inline void sparse_mla_token(const uint16_t* q, const uint16_t* const* rows, int64_t n, int64_t heads, int64_t dk,
+                             int64_t v_dim, float softmax_scale, float* sc, uint16_t* pb, uint16_t* xp, uint16_t* out) {
+  const int64_t n2 = (n + 1) / 2 * 2;
+  std::vector<const uint16_t*> qs(heads);
+  for (int64_t h = 0; h < heads; ++h) qs[h] = q + h * dk;
+  pack_rows(qs.data(), int(heads), dk, xp);
+  dot_rows(
+      [&](int64_t k) { return rows[k]; }, 0, n, dk, xp, int(heads), false,
+      [&](int64_t k, int R, int h0, int m, const float* y) {
+        uint16_t b[16];  // score = bf16(q . e) * scale
+        to_bf16_16(y, b);
+        const int ms = row_lanes(R);
+        for (int i = 0; i < R && k + i < n; ++i)
+          for (int j = 0; j < m; ++j) sc[(h0 + j) * n2 + k + i] = bf16_to_f32(b[i * ms + j]) * softmax_scale;
+      });
+  for (int64_t h = 0; h < heads; ++h) {  // softmax in fp32; probabilities to bf16 (0 in the pad slot)
+    float* s = sc + h * n2;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + k));
+    float m = _mm512_reduce_max_ps(mx);
+    for (; k < n; ++k) m = std::max(m, s[k]);
+    __m512 sum = _mm512_setzero_ps();
+    for (k = 0; k < n; k += 16) {
+      const __mmask16 live = k + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + k), _mm512_set1_ps(m)));
+      _mm512_mask_storeu_ps(s + k, live, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(live, e));
+    }
+    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+    for (k = 0; k < n; k += 16) {
+      const __mmask16 live = k + 16 <= n ? __mmask16(0xffff) : __mmask16((1u << (n - k)) - 1);
+      const __m256bh p = _mm512_cvtneps_pbh(_mm512_div_ps(_mm512_maskz_loadu_ps(live, s + k), total));
+      _mm256_mask_storeu_epi16(pb + h * n2 + k, live, (__m256i)p);
+    }
+  }
+  // values: out[h] = sum_k p[h, k] e_k[:V]
+  std::vector<const uint16_t*> ps(heads);
+  std::vector<uint16_t*> os(heads);
+  for (int64_t h = 0; h < heads; ++h) ps[h] = pb + h * n2, os[h] = out + h * v_dim;
+  weighted_rows_n(rows, n, ps.data(), heads, 0, v_dim, os.data());
+}
+#endif
+
 // This thread's share [*begin, *end) of `rows` rows, in blocks of 16 (whole cache lines of fp32 output).
 inline void row_range(int64_t rows, int64_t* begin, int64_t* end) {
   int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -165,7 +451,7 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
 extern "C" {
 
-int glm5c_abi_version() { return 1; }
+int glm5c_abi_version() { return 2; }
 
 int glm5c_has_avx512bf16() { return GLM5C_DPBF16; }
 
@@ -197,6 +483,70 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
   std::vector<uint16_t> act(pairs * inter);  // [pairs, I] bf16, pairs grouped by expert
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
 
+#if GLM5C_DPBF16
+  // Pass 1 (tiles: rows of gate and up in pairs, against the expert's tokens).
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t i0, i1;
+    row_range(inter, &i0, &i1);
+    std::vector<const uint16_t*> xs;
+    std::vector<uint16_t> xp;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      const int64_t p0 = starts[e], n = starts[e + 1] - p0;
+      if (n == 0) continue;
+      xs.resize(n);
+      xp.resize(n * packed_len(hidden));
+      for (int64_t j = 0; j < n; ++j) xs[j] = x + pair_token[p0 + j] * hidden;
+      pack_rows(xs.data(), int(n), hidden, xp.data());
+      // rows v: gate row i0 + v / 2 for even v, up's for odd (a tile's rows come in such pairs)
+      dot_rows(
+          [&](int64_t v) { return (v % 2 ? up : gate) + (e * inter + i0 + v / 2) * hidden; }, 0, 2 * (i1 - i0),
+          hidden, xp.data(), int(n), true,
+          [&](int64_t v, int R, int j0, int m, const float* y) {
+            // act = bf16(bf16(silu(bf16(g))) * bf16(u)): a row pair's g and u sit ms lanes apart
+            const int ms = row_lanes(R);
+            const __m512 gu = round_bf16_16(_mm512_load_ps(y));
+            const __m512 sg = round_bf16_16(_mm512_div_ps(gu, _mm512_add_ps(_mm512_set1_ps(1.f),
+                                                                              exp512(_mm512_sub_ps(_mm512_setzero_ps(), gu)))));
+            const __m512 u = R == 2 ? _mm512_shuffle_f32x4(gu, gu, 0x4E) : _mm512_shuffle_f32x4(gu, gu, 0xB1);
+            alignas(64) float a[16];
+            _mm512_store_ps(a, _mm512_mul_ps(sg, u));  // lane i * ms + j (even i): silu(g) * u of row pair i / 2
+            uint16_t b[16];
+            to_bf16_16(a, b);
+            for (int i = 0; i < R && v + i < 2 * (i1 - i0); i += 2)
+              for (int j = 0; j < m; ++j) act[(p0 + j0 + j) * inter + i0 + (v + i) / 2] = b[i * ms + j];
+          });
+    }
+  }
+  // Pass 2 (tiles: rows of down, against the expert's activations).
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t d0, d1;
+    row_range(hidden, &d0, &d1);
+    std::vector<const uint16_t*> as;
+    std::vector<uint16_t> ap;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      const int64_t p0 = starts[e], n = starts[e + 1] - p0;
+      if (n == 0) continue;
+      as.resize(n);
+      ap.resize(n * packed_len(inter));
+      for (int64_t j = 0; j < n; ++j) as[j] = act.data() + (p0 + j) * inter;
+      pack_rows(as.data(), int(n), inter, ap.data());
+      dot_rows(
+          [&](int64_t d) { return down + (e * hidden + d) * inter; }, d0, d1, inter, ap.data(), int(n), true,
+          [&](int64_t d, int R, int j0, int m, const float* y) {
+            alignas(64) float r[16];
+            _mm512_store_ps(r, round_bf16_16(_mm512_load_ps(y)));
+            const int ms = row_lanes(R);
+            for (int i = 0; i < R && d + i < d1; ++i)
+              for (int j = 0; j < m; ++j) {
+                const int64_t p = p0 + j0 + j;
+                acc[pair_token[p] * hidden + d + i] += pair_weight[p] * r[i * ms + j];
+              }
+          });
+    }
+  }
+#else
   // Pass 1: act[p, i] = bf16(bf16(silu(bf16(gate_e[i] . x_t))) * bf16(up_e[i] . x_t)).
 #pragma omp parallel num_threads(threads)
   {
@@ -235,35 +585,96 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
       }
     }
   }
+#endif
   for (int64_t k = 0; k < tokens * hidden; ++k) out[k] = f32_to_bf16(acc[k]);
   return 0;
 }
 
-// out [T, H, N] bf16 = per head h: x [T, H, K][:, h] @ w [H, N, K][h] ^T, fp32 accumulation (H = 1:
-// a linear layer; H > 1: MLA's absorbed per-head projections). Threads split the H * N weight rows;
-// each streams its rows once for all T rows of x, 8 at a time.
+// out [T, H, N] bf16 (contiguous) = per head h: x[:, h] @ W_h^T, fp32 accumulation (H = 1: a
+// linear layer; H > 1: MLA's absorbed per-head projections). Strides in elements, a row's elements
+// adjacent: x[t, h, i] at x[t * x_token_stride + h * x_head_stride + i]; W_h[o, i] at
+// w[h * w_head_stride + o * w_row_stride + i], or with w_transposed at
+// w[h * w_head_stride + i * w_row_stride + o] (W_h^T stored row by row: a transposed view such as
+// MLA's w_uk^T, read in place). Untransposed, threads split the H * N weight rows and stream each
+// once for all T rows of x (with AVX512-BF16: two rows against tiles of 8 rows of x; else one row
+// against 8 rows at a time); transposed, threads split (head, 32 outputs) blocks: x @ W as
+// weighted_rows (the portable path: fp32 loops).
 int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t heads,
-                      int64_t in_features, int64_t out_features, int threads) {
+                      int64_t in_features, int64_t out_features, int64_t x_token_stride, int64_t x_head_stride,
+                      int64_t w_head_stride, int64_t w_row_stride, int w_transposed, int threads) {
   if (tokens < 0 || heads <= 0 || in_features <= 0 || out_features <= 0 || threads <= 0) return 1;
-  const int64_t rows = heads * out_features;
+  const int64_t rows = heads * out_features, K = in_features, N = out_features;
+  if (w_transposed) {
+    const int64_t col_blocks = (N + 31) / 32;
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<const uint16_t*> wr(K), xr(tokens);
+      std::vector<uint16_t*> orow(tokens);
+      std::vector<float> acc(32);
+      int64_t head = -1;
+#pragma omp for schedule(static)
+      for (int64_t unit = 0; unit < heads * col_blocks; ++unit) {
+        const int64_t h = unit / col_blocks, c0 = unit % col_blocks * 32, c1 = std::min(N, c0 + 32);
+        if (h != head) {
+          head = h;
+          for (int64_t i = 0; i < K; ++i) wr[i] = w + h * w_head_stride + i * w_row_stride;
+          for (int64_t t = 0; t < tokens; ++t) xr[t] = x + t * x_token_stride + h * x_head_stride, orow[t] = out + (t * heads + h) * N;
+        }
+#if GLM5C_DPBF16
+        weighted_rows_n(wr.data(), K, xr.data(), tokens, c0, c1, orow.data());
+#else
+        for (int64_t t = 0; t < tokens; ++t) {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t i = 0; i < K; ++i) {
+            const float xi = bf16_to_f32(xr[t][i]);
+            for (int64_t o = c0; o < c1; ++o) acc[o - c0] += xi * bf16_to_f32(wr[i][o]);
+          }
+          for (int64_t o = c0; o < c1; ++o) orow[t][o] = f32_to_bf16(acc[o - c0]);
+        }
+#endif
+      }
+    }
+    return 0;
+  }
 #pragma omp parallel num_threads(threads)
   {
     int64_t r0, r1;
     row_range(rows, &r0, &r1);
+#if GLM5C_DPBF16
+    std::vector<const uint16_t*> xs(tokens);
+    std::vector<uint16_t> xp(tokens * packed_len(K));
+    for (int64_t s0 = r0; s0 < r1;) {  // one head's rows at a time: [s0, s1)
+      const int64_t head = s0 / N, s1 = std::min(r1, (head + 1) * N);
+      const uint16_t* wh = w + head * w_head_stride;
+      for (int64_t t = 0; t < tokens; ++t) xs[t] = x + t * x_token_stride + head * x_head_stride;
+      pack_rows(xs.data(), int(tokens), K, xp.data());
+      dot_rows(
+          [&](int64_t r) { return wh + (r - head * N) * w_row_stride; }, s0, s1, K, xp.data(), int(tokens), true,
+          [&](int64_t r, int R, int t0, int m, const float* y) {
+            uint16_t b[16];
+            to_bf16_16(y, b);
+            const int ms = row_lanes(R);
+            for (int i = 0; i < R && r + i < s1; ++i)
+              for (int j = 0; j < m; ++j) out[(t0 + j) * rows + r + i] = b[i * ms + j];
+          });
+      s0 = s1;
+    }
+#else
     const uint16_t* xs[kMaxRows];
     float y[kMaxRows];
     for (int64_t t0 = 0; t0 < tokens; t0 += kMaxRows) {
       int n = int(std::min<int64_t>(kMaxRows, tokens - t0));
       int64_t head = -1;
       for (int64_t r = r0; r < r1; ++r) {
-        if (r / out_features != head) {
-          head = r / out_features;
-          for (int j = 0; j < n; ++j) xs[j] = x + ((t0 + j) * heads + head) * in_features;
+        if (r / N != head) {
+          head = r / N;
+          for (int j = 0; j < n; ++j) xs[j] = x + (t0 + j) * x_token_stride + head * x_head_stride;
         }
-        dots_n(n, w + r * in_features, xs, in_features, y);
+        dots_n(n, w + head * w_head_stride + (r - head * N) * w_row_stride, xs, K, y);
         for (int j = 0; j < n; ++j) out[(t0 + j) * rows + r] = f32_to_bf16(y[j]);
       }
     }
+#endif
   }
   return 0;
 }
@@ -281,6 +692,34 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
       table_rows <= 0 || table_width <= 0 || slots <= 0 || threads <= 0)
     return 1;
   int bad = 0;
+#if GLM5C_DPBF16
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+  {
+    const int64_t topk2 = (topk + 1) / 2 * 2;
+    std::vector<float> scores(heads * topk2);
+    std::vector<uint16_t> probs(heads * topk2), xp(heads * packed_len(dk));
+    std::vector<const uint16_t*> rows(topk);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      uint16_t* o = out + t * heads * v_dim;
+      const int64_t seq = seq_ids[t];
+      int64_t n = 0;  // the selected entries, in order, empty slots left out
+      if (seq < 0 || seq >= table_rows) bad = 1;
+      else
+        for (int64_t k = 0; k < topk; ++k) {
+          const int64_t pos = indices[t * topk + k];
+          if (pos < 0) continue;
+          const int64_t col = pos / block_size;
+          const int64_t slot = col < table_width ? int64_t(block_tables[seq * table_width + col]) * block_size + pos % block_size : -1;
+          if (slot < 0 || slot >= slots) { bad = 1; continue; }
+          rows[n++] = kv + slot * dk;
+        }
+      if (n == 0) std::fill(o, o + heads * v_dim, uint16_t(0));
+      else sparse_mla_token(q + t * heads * dk, rows.data(), n, heads, dk, v_dim, softmax_scale, scores.data(),
+                            probs.data(), xp.data(), o);
+    }
+  }
+#else
 #pragma omp parallel num_threads(threads) reduction(| : bad)
   {
     std::vector<float> scores(heads * topk), acc(heads * v_dim), ef(v_dim);
@@ -326,6 +765,7 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
       for (int64_t i = 0; i < heads * v_dim; ++i) out[t * heads * v_dim + i] = f32_to_bf16(acc[i]);
     }
   }
+#endif
   return bad ? 2 : 0;
 }
 

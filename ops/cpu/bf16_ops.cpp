@@ -32,12 +32,17 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x_, const at::Tensor& weight_) {
   const int64_t heads = dims == 3 ? weight_.size(0) : 1;
   TORCH_CHECK(x_.size(-1) == weight_.size(-1) && (dims == 2 || x_.size(1) == heads), op, ": x ", x_.sizes(),
               " does not fit weight ", weight_.sizes());
-  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous();
+  // read in place when rows have adjacent elements, or the weight is a transpose stored row by row
+  // (ops/cpu_linear.py: kernel_layout); else copied
+  const at::Tensor x = x_.stride(-1) == 1 || x_.size(-1) == 1 ? x_ : x_.contiguous();
+  const bool transposed = !(weight_.stride(-1) == 1 || weight_.size(-1) == 1) && weight_.stride(-2) == 1;
+  const at::Tensor weight = transposed || weight_.stride(-1) == 1 || weight_.size(-1) == 1 ? weight_ : weight_.contiguous();
   const int64_t tokens = x.size(0), in = weight.size(-1), out_features = weight.size(-2);
   at::Tensor out = dims == 3 ? at::empty({tokens, heads, out_features}, x.options())
                              : at::empty({tokens, out_features}, x.options());
-  int rc = glm5c_linear_bf16(bf16_in(x), bf16_in(weight), bf16_out(out), tokens, heads, in, out_features,
-                             at::get_num_threads());
+  int rc = glm5c_linear_bf16(bf16_in(x), bf16_in(weight), bf16_out(out), tokens, heads, in, out_features, x.stride(0),
+                             dims == 3 ? x.stride(1) : 0, dims == 3 ? weight.stride(0) : 0,
+                             weight.stride(transposed ? -1 : -2), transposed ? 1 : 0, at::get_num_threads());
   TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
   return out;
 }
