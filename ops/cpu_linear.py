@@ -7,9 +7,10 @@ anything (bench/results/2026-11-30-cpu-gemv.md): more than reading a 512x512 wei
     [1, 512] x [1408, 512] 79 -> 21 us);
   - 2 to KERNEL_MAX_ROWS rows: the C++ kernel (ops/cpu/bf16_kernels.cpp: glm5c_linear_bf16) as the
     opaque op `glm5c::linear_bf16_cpu`: threads split the weight rows and stream each once for
-    all rows of x (~5 us a call through the dispatcher). gemv took up to 4 rows until the kernel
-    had register tiles; since, whole mini decode graphs at 2 and 4 tokens take 0.86x and 0.80x
-    the time with the kernel (bench/results/2026-11-30-cpu-tiles.md);
+    all rows of x (~5 us a call through the dispatcher). gemv took up to 4 rows until, measured
+    again once the kernel had register tiles and read MLA's weight views in place, whole mini
+    decode graphs at 2 and 4 tokens took 0.86x and 0.80x the time with the kernel
+    (bench/results/2026-11-30-cpu-tiles.md);
   - beyond: torch's GEMM (linear_ref).
 Other dtypes (the indexer's fp32 weights_proj) take gemv up to FP32_GEMV_MAX_ROWS rows, then torch.
 Per-head weights [H, out, in] (MLA's absorbed projections) take the same path, head by head, read

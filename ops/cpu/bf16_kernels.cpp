@@ -113,10 +113,12 @@ inline void dots_n(int n, const uint16_t* w, const uint16_t* const* xs, int64_t 
 #if GLM5C_DPBF16
 // Tiles of dot products (linear, experts, attention scores): 2 weight rows against up to 8 rows of x,
 // or 4 against up to 4, 16 accumulators in registers, so each 64-byte load feeds several vdpbf16ps
-// (the one-row form above needs a load per product and a reduction per dot product; 16 rows x
-// 512 x 1536 from memory: 72 -> 48 us on this 2-core Zen 5). x is first packed per tile of 8 rows
-// as [ceil(K / 32)][m][32] bf16, zero past K, so one pointer with constant offsets reaches all its
-// rows. (GCC keeps the accumulator arrays in registers only while nothing takes their address:
+// (the one-row form above needs a load per product and a reduction per dot product). On this
+// 2-core Zen 5, interleaved against the one-row form: the experts at 64 tokens 1.25-1.4x faster,
+// at 16 1.15-1.25x from cache and 0.95-1.15x from memory, at 4 about even (0.87-0.96x from
+// memory); 16-row linears from memory about even (1.0-1.07x): there the weights' bytes bound both.
+// x is first packed per tile of 8 rows as [ceil(K / 32)][m][32] bf16, zero past K, so one pointer
+// with constant offsets reaches all its rows. (GCC keeps the accumulator arrays in registers only while nothing takes their address:
 // no lambdas over them, hsum16 always inlined; check the assembly after changing these.)
 constexpr int kTileRows = 8;
 constexpr int64_t kStreamAhead = 2048;
@@ -232,9 +234,9 @@ inline __m512 round_bf16_16(__m512 v) {
 // up to 16 / R rows of x: emit(r, R, j0, m, y) with y[i * row_lanes(R) + j] = dot(row(r + i), x_{j0 + j})
 // for i < R, j < m; rows past r1 repeat row r1 - 1 (their results are to be ignored).
 // streams: the rows are streams through memory (weights), prefetched kStreamAhead elements (4 KB)
-// ahead in each, which the hardware's own prefetcher alone does not keep up with (experts from
-// memory 1.14x, a 512 x 1536 weight 1.6x faster); else (attention's scattered cache entries) the
-// next R rows are prefetched. Rows outer and tiles of x inner while all of x fits in L1 beside the
+// ahead in each, which the hardware's own prefetcher alone does not keep up with (without it the
+// tiles read the experts from memory at 0.55-0.75x the one-row form's speed); else (attention's
+// scattered cache entries) the next R rows are prefetched. Rows outer and tiles of x inner while all of x fits in L1 beside the
 // weights (each weight row read once, x reread from L1), else tiles outer.
 template <class Row, class Emit>
 inline void dot_rows(Row row, int64_t r0, int64_t r1, int64_t len, const uint16_t* xp, int n, bool streams, Emit emit) {
