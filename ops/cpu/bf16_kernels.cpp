@@ -347,14 +347,15 @@ inline void weighted_rows_n(const uint16_t* const* rows, int64_t n, const uint16
 // One token's sparse MLA once its n selected entries are known (rows[k]: the entry's Dk values):
 // scores by tiles (entries x the token's heads, dot_rows), softmax over each head's n scores
 // in 16 lanes, then out[h, :V] = sum_k p[h, k] e_k[:V] with vdpbf16ps over pairs of entries (the
-// probabilities are bf16 already, as sparse_mla_lowp rounds them). sc [H * n2], pb [H * n2], xp:
-// scratch, n2 = n rounded up to even.
+// probabilities are bf16 already, as sparse_mla_lowp rounds them). Scratch, the caller's (one per
+// thread, reused token after token): sc [H * n2], pb [H * n2], xp [H * packed_len(Dk)], hin and
+// hout [H] (row pointers); n2 = n rounded up to even.
 inline void sparse_mla_token(const uint16_t* q, const uint16_t* const* rows, int64_t n, int64_t heads, int64_t dk,
-                             int64_t v_dim, float softmax_scale, float* sc, uint16_t* pb, uint16_t* xp, uint16_t* out) {
+                             int64_t v_dim, float softmax_scale, float* sc, uint16_t* pb, uint16_t* xp,
+                             const uint16_t** hin, uint16_t** hout, uint16_t* out) {
   const int64_t n2 = (n + 1) / 2 * 2;
-  std::vector<const uint16_t*> qs(heads);
-  for (int64_t h = 0; h < heads; ++h) qs[h] = q + h * dk;
-  pack_rows(qs.data(), int(heads), dk, xp);
+  for (int64_t h = 0; h < heads; ++h) hin[h] = q + h * dk;
+  pack_rows(hin, int(heads), dk, xp);
   dot_rows(
       [&](int64_t k) { return rows[k]; }, 0, n, dk, xp, int(heads), false,
       [&](int64_t k, int R, int h0, int m, const float* y) {
@@ -386,10 +387,8 @@ inline void sparse_mla_token(const uint16_t* q, const uint16_t* const* rows, int
     }
   }
   // values: out[h] = sum_k p[h, k] e_k[:V]
-  std::vector<const uint16_t*> ps(heads);
-  std::vector<uint16_t*> os(heads);
-  for (int64_t h = 0; h < heads; ++h) ps[h] = pb + h * n2, os[h] = out + h * v_dim;
-  weighted_rows_n(rows, n, ps.data(), heads, 0, v_dim, os.data());
+  for (int64_t h = 0; h < heads; ++h) hin[h] = pb + h * n2, hout[h] = out + h * v_dim;
+  weighted_rows_n(rows, n, hin, heads, 0, v_dim, hout);
 }
 #endif
 
@@ -612,7 +611,6 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
     {
       std::vector<const uint16_t*> wr(K), xr(tokens);
       std::vector<uint16_t*> orow(tokens);
-      std::vector<float> acc(32);
       int64_t head = -1;
 #pragma omp for schedule(static)
       for (int64_t unit = 0; unit < heads * col_blocks; ++unit) {
@@ -625,8 +623,9 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
 #if GLM5C_DPBF16
         weighted_rows_n(wr.data(), K, xr.data(), tokens, c0, c1, orow.data());
 #else
+        float acc[32];
         for (int64_t t = 0; t < tokens; ++t) {
-          std::fill(acc.begin(), acc.end(), 0.f);
+          std::fill(acc, acc + 32, 0.f);
           for (int64_t i = 0; i < K; ++i) {
             const float xi = bf16_to_f32(xr[t][i]);
             for (int64_t o = c0; o < c1; ++o) acc[o - c0] += xi * bf16_to_f32(wr[i][o]);
@@ -700,7 +699,8 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
     const int64_t topk2 = (topk + 1) / 2 * 2;
     std::vector<float> scores(heads * topk2);
     std::vector<uint16_t> probs(heads * topk2), xp(heads * packed_len(dk));
-    std::vector<const uint16_t*> rows(topk);
+    std::vector<const uint16_t*> rows(topk), hin(heads);
+    std::vector<uint16_t*> hout(heads);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tokens; ++t) {
       uint16_t* o = out + t * heads * v_dim;
@@ -718,7 +718,7 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
         }
       if (n == 0) std::fill(o, o + heads * v_dim, uint16_t(0));
       else sparse_mla_token(q + t * heads * dk, rows.data(), n, heads, dk, v_dim, softmax_scale, scores.data(),
-                            probs.data(), xp.data(), o);
+                            probs.data(), xp.data(), hin.data(), hout.data(), o);
     }
   }
 #else
