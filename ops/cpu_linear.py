@@ -11,14 +11,16 @@ anything (bench/results/2026-11-30-cpu-gemv.md): more than reading a 512x512 wei
     again once the kernel had register tiles and read MLA's weight views in place, whole mini
     decode graphs at 2 and 4 tokens took 0.86x and 0.80x the time with the kernel
     (bench/results/2026-11-30-cpu-tiles.md);
-  - beyond: torch's GEMM (linear_ref).
+  - beyond: torch's GEMM (linear_ref), except per-head weights, which the kernel takes at any rows.
 Other dtypes (the indexer's fp32 weights_proj) take gemv up to FP32_GEMV_MAX_ROWS rows, then torch.
 Per-head weights [H, out, in] (MLA's absorbed projections) take the same path, head by head, read
 in place as the model passes them (w_uk^T: a transposed view, w_uv: a split of kv_b_proj's weight;
 copying them cost ~40 us a call). Whole mini decode graphs with the kernel instead of torch's GEMMs
-(bench/cpu_graph_ops.py): 0.82x the time at 8 tokens, 0.90x at 16 (before its register tiles). Up
-to 16 rows it beats oneDNN (mini's 512 x 256 at 16 rows 11 vs 20 us); from 24-32 rows on oneDNN's
-larger tiles win, so the kernel stops at 16.
+(bench/cpu_graph_ops.py): 0.82x the time at 8 tokens, 0.90x at 16 (before its register tiles). From
+12 rows the kernel's token-lanes tiles (no reduction across lanes) beat oneDNN on mini's weights
+from memory 1.6-2.7x at 32 rows and 1.05-1.9x at 64; at 128 oneDNN's larger tiles win the larger
+weights (0.85-0.96x), so the kernel stops at 64 (bench/results/2026-12-01-cpu-lanes.md). Per-head
+weights it takes at any rows: MLA's absorbed projections at 256 rows 44 vs 80 us (w_uk^T).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .gemv import gemv
 
 GEMV_MAX_ROWS = 1
 FP32_GEMV_MAX_ROWS = 4
-KERNEL_MAX_ROWS = 16
+KERNEL_MAX_ROWS = 64
 
 
 def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:
@@ -93,9 +95,9 @@ def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
         # eagerly (the LM head, outside the graphs) gemv would be a GEMM call: the kernel instead
         if rows <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
             return gemv(x, weight)
+        if weight.dim() == 3:
+            return torch.ops.glm5c.linear_bf16_cpu(x, weight)
         if rows <= KERNEL_MAX_ROWS:
-            if weight.dim() == 3:
-                return torch.ops.glm5c.linear_bf16_cpu(x, weight)
             out = torch.ops.glm5c.linear_bf16_cpu(x.reshape(rows, x.shape[-1]), weight)
             return out.view(*x.shape[:-1], weight.shape[-2])  # (not -1: zero rows, as a step without logits has)
     elif scale_inv is None and rows <= FP32_GEMV_MAX_ROWS:

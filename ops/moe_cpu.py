@@ -21,8 +21,7 @@ from torch import Tensor
 
 from . import cpu_kernels, moe
 
-GATHERED_MAX_PAIRS_PER_EXPERT = 0.25  # experts(): Inductor's gathered loops while T * top_k <= this * E_local,
-KERNEL_MAX_PAIRS_PER_EXPERT = 32  # then the kernel while T * top_k <= this * E_local, then torch's grouped GEMM
+GATHERED_MAX_PAIRS_PER_EXPERT = 0.25  # experts(): Inductor's gathered loops while T * top_k <= this * E_local, then the kernel
 
 
 def _check(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> None:
@@ -88,16 +87,15 @@ def experts(
     quarter of the experts can be chosen (mini: 1 token) `moe.experts_gathered`, which Inductor
     fuses into the graph's own loops, is a little faster (whole mini decode graphs,
     bench/cpu_graph_ops.py, the kernel's op vs gathered: 1.03x slower at 1 token with the op's C++
-    implementation, 1.06x through Python; 1.11x faster at 4, 1.26x at 16). For over 32 pairs per expert, where the kernel's dot
-    products are compute-bound, torch's grouped GEMM (bench/cpu_experts.py, mini: the kernel
-    1.04x faster at 32 pairs per expert, 1.32x slower at 64). The choice is by static shape, so
-    each bucket's graph holds one. Unquantized weights only."""
+    implementation, 1.06x through Python; 1.11x faster at 4, 1.26x at 16). Beyond, the kernel at
+    any size: with token-lanes tiles from 12 tokens per expert it beats torch's grouped GEMM 2.0x
+    at 256 tokens (64 pairs per expert) and 1.6x at 512 (bench/cpu_experts.py; until 2026-12-01
+    the grouped GEMM took over 32 pairs per expert). The choice is by static shape, so each
+    bucket's graph holds one. Unquantized weights only."""
     moe._require_unquantized(scales, "moe_cpu.experts")
     pairs, n_experts = x.shape[0] * expert_ids.shape[1], gate_proj.shape[0]
     args = (x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, scales, first_expert, linear)
     if torch.compiler.is_compiling() and pairs <= GATHERED_MAX_PAIRS_PER_EXPERT * n_experts:
         return moe.experts_gathered(*args)
-    if pairs > KERNEL_MAX_PAIRS_PER_EXPERT * n_experts:
-        return moe.experts_grouped_mm(*args)
     return torch.ops.glm5c.moe_experts_cpu(x, expert_ids, expert_weights.float(), gate_proj, up_proj, down_proj,
                                            first_expert)  # fmt: skip

@@ -263,6 +263,95 @@ inline void dot_rows(Row row, int64_t r0, int64_t r1, int64_t len, const uint16_
   }
 }
 
+// 16 x 16 fp32 transpose in registers: afterwards v[i] lane j = (before) v[j] lane i.
+__attribute__((always_inline)) inline void transpose16(__m512* v) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    v[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    v[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    v[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(v[8 * i + j], v[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(v[8 * i + j], v[8 * i + j + 4], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    v[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+    v[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
+  }
+}
+
+// Token-lanes tiles, for 9 to 16 rows of x (a batch-16 decode step's linears): x's rows are the 16
+// lanes, so a tile of 16 weight rows needs no reduction across lanes (dot_tile's hsum16 and
+// scattered stores cost as much as its products at K = 256): acc_i += (W_i[2k], W_i[2k+1])
+// broadcast . (x_m[2k], x_m[2k+1]) in lane m, x packed as pairs [ceil(K / 2)][16], and one 16 x 16
+// transpose at the end puts each row of x's 16 outputs together for a contiguous store.
+constexpr int kLanes = 16;
+constexpr int kLanesMinRows = 12;  // below, dot_tile's tiles (at 9 rows about even, at 8 faster)
+
+// xv[k2 * 16 + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for k2 in [0, ceil(K / 2)), zero for
+// m >= M and past K (16 pairs of the 16 rows at a time: a transpose of 32-bit pairs).
+inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv) {
+  const int64_t K2 = (K + 1) / 2;
+  for (int64_t k2 = 0; k2 < K2; k2 += 16) {
+    const int64_t k = 2 * k2;
+    const __mmask32 live = k + 32 <= K ? __mmask32(0xffffffffu) : __mmask32((1ull << (K - k)) - 1);
+    __m512 v[16];
+    for (int m = 0; m < 16; ++m)
+      v[m] = m < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(live, xs[m] + k)) : _mm512_setzero_ps();
+    transpose16(v);
+    for (int j = 0; j < 16 && k2 + j < K2; ++j) _mm512_storeu_ps(xv + (k2 + j) * 16, v[j]);
+  }
+}
+
+// emit(m, v) for m < M, v lane i = dot(w[i][0:K], x_m) in fp32 (x packed by pack_pairs; rows
+// w[i] past the caller's last repeat a real row, their lanes to be ignored). next[i]: the rows the
+// caller reads next, prefetched alongside, a cache line per row per 32 elements.
+template <class Emit>
+inline void lanes_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const float* xv, int M,
+                       Emit emit) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;  // whole pairs
+  int64_t k2 = 0;
+  for (; k2 + 16 <= K2; k2 += 16) {
+    for (int i = 0; i < 16; ++i) _mm_prefetch((const char*)(next[i] + 2 * k2), _MM_HINT_T0);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      const __m512bh xj = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + (k2 + j) * 16));
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        uint32_t pair;
+        memcpy(&pair, w[i] + 2 * (k2 + j), 4);
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(pair)), xj);
+      }
+    }
+  }
+  for (; k2 < K2; ++k2) {
+    const __m512bh xj = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + k2 * 16));
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      uint32_t pair;
+      memcpy(&pair, w[i] + 2 * k2, 4);
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(pair)), xj);
+    }
+  }
+  if (K % 2) {  // the last element alone: its pair's other half is 0 in x and in the broadcast
+    const __m512bh xj = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + K2 * 16));
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(w[i][K - 1])), xj);
+  }
+  transpose16(acc);  // acc[m] lane i = dot(w[i], x_m)
+  for (int m = 0; m < M; ++m) emit(m, acc[m]);
+}
+
 // e^x in 16 lanes, within ~2 ulp of expf (softmax's exponent, silu's): 2^n * e^r with
 // n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor series to r^7; NaN stays NaN.
 inline __m512 exp512(__m512 x) {
@@ -282,15 +371,24 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// silu(v) = v / (1 + e^-v) in 16 lanes.
+inline __m512 silu16(__m512 v) {
+  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+
 // out_j[v] (bf16) = sum_k p_j[k] e_k[v] for HN rows j and v in [v_begin, v_end): p_j[0:n] bf16,
 // e_k = rows[k]. 32 of v at a time, 2 * HN accumulators in registers (HN is a template argument so
 // they stay there); vdpbf16ps pairs e_2u and e_2u+1, whose values unpacklo/hi interleave: lane i of
 // lo / hi then holds v = 8 (i / 4) + i % 4 (+ 4 for hi). Attention's values (p: a head's
 // probabilities, e: cache entries) and x @ W (p: a token's x, e: W's rows).
+// unpacklo/hi's lane order undone: v's result is lane kUnpackOrder[v] of [lo, hi] (v < 32).
+alignas(64) constexpr int32_t kUnpackOrder[32] = {0,  1,  2,  3,  16, 17, 18, 19, 4,  5,  6,  7,  20, 21, 22, 23,
+                                                  8,  9,  10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+
 template <int HN>
 inline void weighted_rows(const uint16_t* const* rows, int64_t n, const uint16_t* const* p, int64_t v_begin,
                           int64_t v_end, uint16_t* const* out) {
-  alignas(64) float lanes[32];
+  const __m512i order0 = _mm512_load_si512(kUnpackOrder), order1 = _mm512_load_si512(kUnpackOrder + 16);
   for (int64_t v0 = v_begin; v0 < v_end; v0 += 32) {
     const __mmask32 live = v0 + 32 <= v_end ? __mmask32(0xffffffffu) : __mmask32((1ull << (v_end - v0)) - 1);
     __m512 lo_acc[HN], hi_acc[HN];
@@ -313,14 +411,10 @@ inline void weighted_rows(const uint16_t* const* rows, int64_t n, const uint16_t
     for (; k + 1 < n; k += 2) step(rows[k], rows[k + 1], k, true);
     if (k < n) step(rows[k], rows[k], k, false);
 #pragma GCC unroll 8
-    for (int h = 0; h < HN; ++h) {
-      _mm512_store_ps(lanes, lo_acc[h]);
-      _mm512_store_ps(lanes + 16, hi_acc[h]);
-      uint16_t* o = out[h] + v0;
-      for (int64_t v = 0; v < std::min<int64_t>(32, v_end - v0); ++v) {
-        const int64_t blk = v / 8, i = v % 8;
-        o[v] = f32_to_bf16(i < 4 ? lanes[4 * blk + i] : lanes[16 + 4 * blk + i - 4]);
-      }
+    for (int h = 0; h < HN; ++h) {  // v order, rounded to bf16 (as to_bf16_16), 32 at a time
+      const __m512 v_lo = _mm512_permutex2var_ps(lo_acc[h], order0, hi_acc[h]);
+      const __m512 v_hi = _mm512_permutex2var_ps(lo_acc[h], order1, hi_acc[h]);
+      _mm512_mask_storeu_epi16(out[h] + v0, live, (__m512i)_mm512_cvtne2ps_pbh(v_hi, v_lo));
     }
   }
 }
@@ -485,17 +579,43 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
 
 #if GLM5C_DPBF16
-  // Pass 1 (tiles: rows of gate and up in pairs, against the expert's tokens).
+  // Pass 1 (tiles: rows of gate and up in pairs, against the expert's tokens; from kLanesMinRows
+  // tokens token-lanes tiles of 8 gate rows and their 8 up rows).
 #pragma omp parallel num_threads(threads)
   {
     int64_t i0, i1;
     row_range(inter, &i0, &i1);
-    std::vector<const uint16_t*> xs;
+    std::vector<const uint16_t*> xs(kLanes);
     std::vector<uint16_t> xp;
+    std::vector<float> xv;
     for (int64_t e = 0; e < n_experts; ++e) {
       const int64_t p0 = starts[e], n = starts[e + 1] - p0;
       if (n == 0) continue;
-      xs.resize(n);
+      if (n >= kLanesMinRows) {
+        xv.resize((hidden + 1) / 2 * kLanes);
+        for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+          const int M = int(std::min<int64_t>(kLanes, n - t0));
+          for (int j = 0; j < M; ++j) xs[j] = x + pair_token[p0 + t0 + j] * hidden;
+          pack_pairs(xs.data(), M, hidden, xv.data());
+          for (int64_t i = i0; i < i1; i += 8) {  // gate rows i .. i + 7 in lanes 0-7, up's in 8-15
+            const uint16_t *wr[kLanes], *next[kLanes];
+            for (int l = 0; l < 8; ++l) {
+              const int64_t a = e * inter + std::min(i + l, i1 - 1), b = e * inter + std::min(i + 8 + l, i1 - 1);
+              wr[l] = gate + a * hidden, wr[8 + l] = up + a * hidden;
+              next[l] = gate + b * hidden, next[8 + l] = up + b * hidden;
+            }
+            const __mmask16 live = __mmask16((1u << std::min<int64_t>(8, i1 - i)) - 1);
+            uint16_t* a = act.data() + (p0 + t0) * inter + i;
+            lanes_tile(wr, next, hidden, xv.data(), M, [&](int m, __m512 v) {
+              const __m512 gu = round_bf16_16(v), sg = round_bf16_16(silu16(gu));
+              const __m512 u = _mm512_shuffle_f32x4(gu, gu, 0x4E);  // lanes 8-15 to 0-7
+              _mm256_mask_storeu_epi16(a + m * inter, live, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
+            });
+          }
+        }
+        continue;
+      }
+      xs.resize(std::max<int64_t>(n, kLanes));
       xp.resize(n * packed_len(hidden));
       for (int64_t j = 0; j < n; ++j) xs[j] = x + pair_token[p0 + j] * hidden;
       pack_rows(xs.data(), int(n), hidden, xp.data());
@@ -507,8 +627,7 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
             // act = bf16(bf16(silu(bf16(g))) * bf16(u)): a row pair's g and u sit ms lanes apart
             const int ms = row_lanes(R);
             const __m512 gu = round_bf16_16(_mm512_load_ps(y));
-            const __m512 sg = round_bf16_16(_mm512_div_ps(gu, _mm512_add_ps(_mm512_set1_ps(1.f),
-                                                                              exp512(_mm512_sub_ps(_mm512_setzero_ps(), gu)))));
+            const __m512 sg = round_bf16_16(silu16(gu));
             const __m512 u = R == 2 ? _mm512_shuffle_f32x4(gu, gu, 0x4E) : _mm512_shuffle_f32x4(gu, gu, 0xB1);
             alignas(64) float a[16];
             _mm512_store_ps(a, _mm512_mul_ps(sg, u));  // lane i * ms + j (even i): silu(g) * u of row pair i / 2
@@ -519,17 +638,42 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
           });
     }
   }
-  // Pass 2 (tiles: rows of down, against the expert's activations).
+  // Pass 2 (tiles: rows of down, against the expert's activations; token-lanes tiles from
+  // kLanesMinRows tokens).
 #pragma omp parallel num_threads(threads)
   {
     int64_t d0, d1;
     row_range(hidden, &d0, &d1);
-    std::vector<const uint16_t*> as;
+    std::vector<const uint16_t*> as(kLanes);
     std::vector<uint16_t> ap;
+    std::vector<float> av;
     for (int64_t e = 0; e < n_experts; ++e) {
       const int64_t p0 = starts[e], n = starts[e + 1] - p0;
       if (n == 0) continue;
-      as.resize(n);
+      if (n >= kLanesMinRows) {
+        av.resize((inter + 1) / 2 * kLanes);
+        for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+          const int M = int(std::min<int64_t>(kLanes, n - t0));
+          for (int j = 0; j < M; ++j) as[j] = act.data() + (p0 + t0 + j) * inter;
+          pack_pairs(as.data(), M, inter, av.data());
+          for (int64_t d = d0; d < d1; d += kLanes) {
+            const uint16_t *wr[kLanes], *next[kLanes];
+            for (int l = 0; l < kLanes; ++l) {
+              wr[l] = down + (e * hidden + std::min(d + l, d1 - 1)) * inter;
+              next[l] = down + (e * hidden + std::min(d + kLanes + l, d1 - 1)) * inter;
+            }
+            const __mmask16 live = __mmask16((1u << std::min<int64_t>(kLanes, d1 - d)) - 1);
+            lanes_tile(wr, next, inter, av.data(), M, [&](int m, __m512 v) {
+              const int64_t p = p0 + t0 + m;
+              float* a = acc.data() + pair_token[p] * hidden + d;
+              const __m512 y = _mm512_mul_ps(_mm512_set1_ps(pair_weight[p]), round_bf16_16(v));
+              _mm512_mask_storeu_ps(a, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, a), y));
+            });
+          }
+        }
+        continue;
+      }
+      as.resize(std::max<int64_t>(n, kLanes));
       ap.resize(n * packed_len(inter));
       for (int64_t j = 0; j < n; ++j) as[j] = act.data() + (p0 + j) * inter;
       pack_rows(as.data(), int(n), inter, ap.data());
@@ -547,6 +691,11 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
           });
     }
   }
+  for (int64_t k = 0; k < tokens * hidden; k += 16) {  // out = bf16(acc), 16 lanes at a time
+    const __mmask16 live = k + 16 <= tokens * hidden ? __mmask16(0xffff) : __mmask16((1u << (tokens * hidden - k)) - 1);
+    _mm256_mask_storeu_epi16(out + k, live, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(live, acc.data() + k)));
+  }
+  return 0;
 #else
   // Pass 1: act[p, i] = bf16(bf16(silu(bf16(gate_e[i] . x_t))) * bf16(up_e[i] . x_t)).
 #pragma omp parallel num_threads(threads)
@@ -586,9 +735,9 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
       }
     }
   }
-#endif
   for (int64_t k = 0; k < tokens * hidden; ++k) out[k] = f32_to_bf16(acc[k]);
   return 0;
+#endif
 }
 
 // out [T, H, N] bf16 (contiguous) = per head h: x[:, h] @ W_h^T, fp32 accumulation (H = 1: a
@@ -643,6 +792,29 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
     row_range(rows, &r0, &r1);
 #if GLM5C_DPBF16
     std::vector<const uint16_t*> xs(tokens);
+    if (tokens >= kLanesMinRows) {  // token-lanes tiles, 16 rows of x at a time
+      std::vector<float> xv((K + 1) / 2 * kLanes);
+      for (int64_t s0 = r0; s0 < r1;) {  // one head's rows at a time: [s0, s1)
+        const int64_t head = s0 / N, s1 = std::min(r1, (head + 1) * N);
+        const uint16_t* wh = w + head * w_head_stride;
+        auto row = [&](int64_t r) { return wh + (std::min(r, s1 - 1) - head * N) * w_row_stride; };
+        for (int64_t t0 = 0; t0 < tokens; t0 += kLanes) {
+          const int M = int(std::min<int64_t>(kLanes, tokens - t0));
+          for (int j = 0; j < M; ++j) xs[j] = x + (t0 + j) * x_token_stride + head * x_head_stride;
+          pack_pairs(xs.data(), M, K, xv.data());
+          for (int64_t r = s0; r < s1; r += kLanes) {
+            const uint16_t *wr[kLanes], *next[kLanes];
+            for (int i = 0; i < kLanes; ++i) wr[i] = row(r + i), next[i] = row(r + kLanes + i);
+            const __mmask16 live = __mmask16((1u << std::min<int64_t>(kLanes, s1 - r)) - 1);
+            uint16_t* o = out + t0 * rows + r;
+            lanes_tile(wr, next, K, xv.data(), M, [&](int m, __m512 v) {
+              _mm256_mask_storeu_epi16(o + m * rows, live, (__m256i)_mm512_cvtneps_pbh(v));
+            });
+          }
+        }
+        s0 = s1;
+      }
+    } else {
     std::vector<uint16_t> xp(tokens * packed_len(K));
     for (int64_t s0 = r0; s0 < r1;) {  // one head's rows at a time: [s0, s1)
       const int64_t head = s0 / N, s1 = std::min(r1, (head + 1) * N);
@@ -659,6 +831,7 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
               for (int j = 0; j < m; ++j) out[(t0 + j) * rows + r + i] = b[i * ms + j];
           });
       s0 = s1;
+    }
     }
 #else
     const uint16_t* xs[kMaxRows];
