@@ -19,7 +19,7 @@ copying them cost ~40 us a call). Whole mini decode graphs with the kernel inste
 (bench/cpu_graph_ops.py): 0.82x the time at 8 tokens, 0.90x at 16 (before its register tiles). From
 12 rows the kernel's token-lanes tiles (no reduction across lanes) beat oneDNN on mini's weights
 from memory 1.6-2.7x at 32 rows and 1.05-1.9x at 64; at 128 oneDNN's larger tiles win the larger
-weights (0.85-0.96x), so the kernel stops at 64 (bench/results/2026-12-01-cpu-lanes.md). Per-head
+weights (0.85-0.96x), so the kernel stops at 64 (bench/results/2026-11-30-cpu-lanes.md). Per-head
 weights it takes at any rows: MLA's absorbed projections at 256 rows 44 vs 80 us (w_uk^T).
 """
 

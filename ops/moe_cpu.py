@@ -89,7 +89,7 @@ def experts(
     bench/cpu_graph_ops.py, the kernel's op vs gathered: 1.03x slower at 1 token with the op's C++
     implementation, 1.06x through Python; 1.11x faster at 4, 1.26x at 16). Beyond, the kernel at
     any size: with token-lanes tiles from 12 tokens per expert it beats torch's grouped GEMM 2.0x
-    at 256 tokens (64 pairs per expert) and 1.6x at 512 (bench/cpu_experts.py; until 2026-12-01
+    at 256 tokens (64 pairs per expert) and 1.6x at 512 (bench/cpu_experts.py; until 2026-11-30
     the grouped GEMM took over 32 pairs per expert). The choice is by static shape, so each
     bucket's graph holds one. Unquantized weights only."""
     moe._require_unquantized(scales, "moe_cpu.experts")

@@ -21,7 +21,8 @@
 // attend over its selected cache entries, read straight from the paged cache (no gathered copy).
 //
 // With AVX512-BF16 the products run as register tiles (dot_tile: a few weight rows against up to 8
-// rows of x, one reduction for 16 dot products; weighted_rows: x @ W with entries paired for
+// rows of x, one reduction for 16 dot products; lanes_tile, from 12 rows of x: 16 weight rows
+// against 16 rows of x in the lanes, no reduction; weighted_rows: x @ W with entries paired for
 // vdpbf16ps) and the exponentials (softmax, silu) in 16 lanes (exp512).
 //
 // glm5c_indexer_topk_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: indexer_topk_ref): the indexer's
@@ -746,8 +747,8 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
 // w[h * w_head_stride + o * w_row_stride + i], or with w_transposed at
 // w[h * w_head_stride + i * w_row_stride + o] (W_h^T stored row by row: a transposed view such as
 // MLA's w_uk^T, read in place). Untransposed, threads split the H * N weight rows and stream each
-// once for all T rows of x (with AVX512-BF16: two rows against tiles of 8 rows of x; else one row
-// against 8 rows at a time); transposed, threads split (head, 32 outputs) blocks: x @ W as
+// once for all T rows of x (with AVX512-BF16: two rows against tiles of 8 rows of x, or from
+// kLanesMinRows rows 16 against 16 rows of x in the lanes; else one row against 8 rows at a time); transposed, threads split (head, 32 outputs) blocks: x @ W as
 // weighted_rows (the portable path: fp32 loops).
 int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t heads,
                       int64_t in_features, int64_t out_features, int64_t x_token_stride, int64_t x_head_stride,
