@@ -20,10 +20,12 @@
 // glm5c_sparse_mla_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: sparse_mla_lowp): each token's heads
 // attend over its selected cache entries, read straight from the paged cache (no gathered copy).
 //
-// With AVX512-BF16 the products run as register tiles (dot_tile: a few weight rows against up to 8
-// rows of x, one reduction for 16 dot products; lanes_tile, from 12 rows of x: 16 weight rows
-// against 16 rows of x in the lanes, no reduction; weighted_rows: x @ W with entries paired for
-// vdpbf16ps) and the exponentials (softmax, silu) in 16 lanes (exp512).
+// With AVX512-BF16 the products run as register tiles of 16 weight rows (tiles16: lanes_tile from
+// 12 rows of x, the 16 rows of x in the lanes; quad_tile below, 4 rows of x by 4 element pairs in
+// the lanes; neither needs a reduction across lanes per dot product), attention's scores as
+// dot_tile (a few cache entries against up to 8 heads, one reduction for 16 dot products), x @ W
+// and attention's values as weighted_rows (entries paired for vdpbf16ps), and the exponentials
+// (softmax, silu) in 16 lanes (exp512).
 //
 // glm5c_indexer_topk_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: indexer_topk_ref): the indexer's
 // scores over the paged key cache and their top-k, per token.
@@ -112,17 +114,15 @@ inline void dots_n(int n, const uint16_t* w, const uint16_t* const* xs, int64_t 
 }
 
 #if GLM5C_DPBF16
-// Tiles of dot products (linear, experts, attention scores): 2 weight rows against up to 8 rows of x,
-// or 4 against up to 4, 16 accumulators in registers, so each 64-byte load feeds several vdpbf16ps
-// (the one-row form above needs a load per product and a reduction per dot product). On this
-// 2-core Zen 5, interleaved against the one-row form: the experts at 64 tokens 1.25-1.4x faster,
-// at 16 1.15-1.25x from cache and 0.95-1.15x from memory, at 4 about even (0.87-0.96x from
-// memory); 16-row linears from memory about even (1.0-1.07x): there the weights' bytes bound both.
+// Tiles of dot products for attention's scores (a token's heads against its selected cache
+// entries): 2 entries against up to 8 heads, or 4 against up to 4, 16 accumulators in registers, so
+// each 64-byte load feeds several vdpbf16ps, and one reduction (hsum16) per 16 dot products. (The
+// linears and experts used these until token-lanes and quad tiles, below, replaced them: no
+// reduction across lanes, measured 1.05-1.6x faster on mini's linears at 2-16 rows.)
 // x is first packed per tile of 8 rows as [ceil(K / 32)][m][32] bf16, zero past K, so one pointer
 // with constant offsets reaches all its rows. (GCC keeps the accumulator arrays in registers only while nothing takes their address:
 // no lambdas over them, hsum16 always inlined; check the assembly after changing these.)
 constexpr int kTileRows = 8;
-constexpr int64_t kStreamAhead = 2048;
 
 inline int64_t packed_len(int64_t len) { return (len + 31) / 32 * 32; }
 
@@ -230,17 +230,14 @@ inline __m512 round_bf16_16(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// For weight rows r in [r0, r1) (row(r): its elements) and the n packed rows of x, R rows at a time
+// For rows r in [r0, r1) (row(r): its elements) and the n packed rows of x, R rows at a time
 // (R = 4 while x has at most 4 rows, so a tile still fills 16 accumulators; else 2) against tiles of
 // up to 16 / R rows of x: emit(r, R, j0, m, y) with y[i * row_lanes(R) + j] = dot(row(r + i), x_{j0 + j})
-// for i < R, j < m; rows past r1 repeat row r1 - 1 (their results are to be ignored).
-// streams: the rows are streams through memory (weights), prefetched kStreamAhead elements (4 KB)
-// ahead in each, which the hardware's own prefetcher alone does not keep up with (without it the
-// tiles read the experts from memory at 0.55-0.75x the one-row form's speed); else (attention's
-// scattered cache entries) the next R rows are prefetched. Rows outer and tiles of x inner while all of x fits in L1 beside the
-// weights (each weight row read once, x reread from L1), else tiles outer.
+// for i < R, j < m; rows past r1 repeat row r1 - 1 (their results are to be ignored). The next R
+// rows are prefetched alongside (attention's cache entries lie scattered). Rows outer and tiles of x
+// inner while all of x fits in L1 beside the rows (each row read once, x reread from L1), else tiles outer.
 template <class Row, class Emit>
-inline void dot_rows(Row row, int64_t r0, int64_t r1, int64_t len, const uint16_t* xp, int n, bool streams, Emit emit) {
+inline void dot_rows(Row row, int64_t r0, int64_t r1, int64_t len, const uint16_t* xp, int n, Emit emit) {
   alignas(64) float y[16];
   const int64_t len32 = packed_len(len);
   const int R = n <= 4 ? 4 : 2, tile_rows = row_lanes(R);
@@ -249,7 +246,7 @@ inline void dot_rows(Row row, int64_t r0, int64_t r1, int64_t len, const uint16_
     const uint16_t *w[4], *next[4];
     for (int i = 0; i < R; ++i) {
       w[i] = row(std::min(r + i, r1 - 1));
-      next[i] = streams ? w[i] + kStreamAhead : row(std::min(r + R + i, r1 - 1));
+      next[i] = row(std::min(r + R + i, r1 - 1));
     }
     const int m = std::min(tile_rows, n - j0);
     dot_tile_n(R, m, w, len, xp + int64_t(j0) * len32, next, y);
@@ -294,7 +291,7 @@ __attribute__((always_inline)) inline void transpose16(__m512* v) {
 // broadcast . (x_m[2k], x_m[2k+1]) in lane m, x packed as pairs [ceil(K / 2)][16], and one 16 x 16
 // transpose at the end puts each row of x's 16 outputs together for a contiguous store.
 constexpr int kLanes = 16;
-constexpr int kLanesMinRows = 12;  // below, dot_tile's tiles (at 9 rows about even, at 8 faster)
+constexpr int kLanesMinRows = 12;  // below, quad tiles (4 rows of x at a time) are as fast or faster
 
 // xv[k2 * 16 + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for k2 in [0, ceil(K / 2)), zero for
 // m >= M and past K (16 pairs of the 16 rows at a time: a transpose of 32-bit pairs).
@@ -351,6 +348,112 @@ inline void lanes_tile(const uint16_t* const* w, const uint16_t* const* next, in
   }
   transpose16(acc);  // acc[m] lane i = dot(w[i], x_m)
   for (int m = 0; m < M; ++m) emit(m, acc[m]);
+}
+
+// Quad tiles, for up to 4 rows of x (an expert's few tokens in a decode step): the lanes are 4 rows
+// of x by 4 pairs of elements, so a 128-bit broadcast of 8 of a weight row's elements feeds all 16
+// lanes, and 16 weight rows are reduced together at the end (3 shuffles and adds for 4 rows) where
+// dot_tile needs a 16-lane reduction per 16 dot products. x packed by pack_quads: [ceil(K / 8)][4][8].
+// Against dot_tile, interleaved, mini's weights from memory: linears 1.03-1.22x faster at 4 rows
+// of x, 1.01-1.42x at 8 (two quads), mixed at 1 (0.83-1.14x); experts at 4-64 tokens 1.03-1.09x
+// with the next expert's first tile prefetched (there memory, not the reductions, bounds them).
+constexpr int kQuadRows = 4;
+
+// xq[k8 * 32 + j * 8 + e] = x_j[8 k8 + e] for j < 4, zero for j >= M and past K.
+inline void pack_quads(const uint16_t* const* xs, int M, int64_t K, uint16_t* xq) {
+  const int64_t K8 = (K + 7) / 8;
+  for (int64_t k8 = 0; k8 < K8; ++k8)
+    for (int j = 0; j < kQuadRows; ++j) {
+      uint16_t* dst = xq + k8 * 32 + j * 8;
+      const int64_t have = j < M ? std::min<int64_t>(8, K - 8 * k8) : 0;
+      if (have > 0) memcpy(dst, xs[j] + 8 * k8, have * 2);
+      for (int64_t e = std::max<int64_t>(have, 0); e < 8; ++e) dst[e] = 0;
+    }
+}
+
+// emit(j, v) for j < M (M <= 4), v lane i = dot(w[i][0:K], x_j), as lanes_tile's.
+template <class Emit>
+inline void quad_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const uint16_t* xq, int M,
+                      Emit emit) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t K8 = K / 8;  // whole chunks of 8
+  int64_t k8 = 0;
+  for (; k8 + 4 <= K8; k8 += 4) {  // a cache line of each row at a time
+    for (int i = 0; i < 16; ++i) _mm_prefetch((const char*)(next[i] + 8 * k8), _MM_HINT_T0);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512bh xc = (__m512bh)_mm512_loadu_si512(xq + (k8 + c) * 32);
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(w[i] + 8 * (k8 + c)))), xc);
+    }
+  }
+  for (; k8 < K8; ++k8) {
+    const __m512bh xc = (__m512bh)_mm512_loadu_si512(xq + k8 * 32);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(w[i] + 8 * k8))), xc);
+  }
+  if (K % 8) {  // the last chunk's weights masked (x is zero past K)
+    const __mmask8 live = __mmask8((1u << (K % 8)) - 1);
+    const __m512bh xc = (__m512bh)_mm512_loadu_si512(xq + K8 * 32);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_broadcast_i32x4(_mm_maskz_loadu_epi16(live, w[i] + 8 * K8)), xc);
+  }
+  // acc[i] lane 4j + q: row i's partial sums for x_j. Sum over q, 4 rows at a time: r[g] lane
+  // 4j + a = dot(w[4g + a], x_j).
+  __m512 r[4];
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    const __m512 *a = acc + 4 * g;
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    r[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+  }
+  // 4 x 4 blocks of 128 bits transposed: row j's 16 results together
+  const __m512 p = _mm512_shuffle_f32x4(r[0], r[1], 0x44), q = _mm512_shuffle_f32x4(r[2], r[3], 0x44);
+  const __m512 u = _mm512_shuffle_f32x4(r[0], r[1], 0xEE), v = _mm512_shuffle_f32x4(r[2], r[3], 0xEE);
+  const __m512 rows[4] = {_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD),
+                          _mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xDD)};
+  for (int j = 0; j < M; ++j) emit(j, rows[j]);
+}
+
+// Weight rows r0, r0 + 16, ... < r1 in tiles of 16 (row(r + i) for i < 16: the caller clamps past
+// its last row) against the n rows of x (xs): emit(r, j, v) for each tile r and j < n, v lane i =
+// dot(row(r + i)[0:K], x_j). Token-lanes tiles from kLanesMinRows rows of x, else quad tiles; x is
+// packed once (scratch: the caller's, reused), each weight row read once, and the rows of the next
+// tile prefetched alongside; during the last tile, after[0:16] (what the caller reads next, if not null).
+template <class Row, class Emit>
+inline void tiles16(Row row, int64_t r0, int64_t r1, int64_t K, const uint16_t* const* xs, int64_t n,
+                    std::vector<uint16_t>& scratch, const uint16_t* const* after, Emit emit) {
+  if (n <= 0) return;
+  const bool lanes = n >= kLanesMinRows;
+  const int group = lanes ? kLanes : kQuadRows;
+  const int64_t groups = (n + group - 1) / group;
+  const int64_t group_len = lanes ? (K + 1) / 2 * kLanes * 2 : (K + 7) / 8 * 32;  // uint16 elements
+  scratch.resize(groups * group_len);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int M = int(std::min<int64_t>(group, n - g * group));
+    if (lanes)
+      pack_pairs(xs + g * group, M, K, reinterpret_cast<float*>(scratch.data() + g * group_len));
+    else
+      pack_quads(xs + g * group, M, K, scratch.data() + g * group_len);
+  }
+  for (int64_t r = r0; r < r1; r += 16) {
+    const uint16_t *w[16], *next[16];
+    for (int i = 0; i < 16; ++i)
+      w[i] = row(r + i), next[i] = r + 16 < r1 ? row(r + 16 + i) : after != nullptr ? after[i] : w[i];
+    for (int64_t g = 0; g < groups; ++g) {
+      const int M = int(std::min<int64_t>(group, n - g * group));
+      auto at = [&](int j, __m512 v) { emit(r, g * group + j, v); };
+      if (lanes)
+        lanes_tile(w, next, K, reinterpret_cast<const float*>(scratch.data() + g * group_len), M, at);
+      else
+        quad_tile(w, next, K, scratch.data() + g * group_len, M, at);
+    }
+  }
 }
 
 // e^x in 16 lanes, within ~2 ulp of expf (softmax's exponent, silu's): 2^n * e^r with
@@ -452,7 +555,7 @@ inline void sparse_mla_token(const uint16_t* q, const uint16_t* const* rows, int
   for (int64_t h = 0; h < heads; ++h) hin[h] = q + h * dk;
   pack_rows(hin, int(heads), dk, xp);
   dot_rows(
-      [&](int64_t k) { return rows[k]; }, 0, n, dk, xp, int(heads), false,
+      [&](int64_t k) { return rows[k]; }, 0, n, dk, xp, int(heads),
       [&](int64_t k, int R, int h0, int m, const float* y) {
         uint16_t b[16];  // score = bf16(q . e) * scale
         to_bf16_16(y, b);
@@ -580,116 +683,65 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
 
 #if GLM5C_DPBF16
-  // Pass 1 (tiles: rows of gate and up in pairs, against the expert's tokens; from kLanesMinRows
-  // tokens token-lanes tiles of 8 gate rows and their 8 up rows).
+  // Pass 1: tiles of 8 gate rows and their 8 up rows against the expert's tokens.
 #pragma omp parallel num_threads(threads)
   {
     int64_t i0, i1;
     row_range(inter, &i0, &i1);
-    std::vector<const uint16_t*> xs(kLanes);
-    std::vector<uint16_t> xp;
-    std::vector<float> xv;
+    std::vector<const uint16_t*> xs;
+    std::vector<uint16_t> scratch;
     for (int64_t e = 0; e < n_experts; ++e) {
       const int64_t p0 = starts[e], n = starts[e + 1] - p0;
-      if (n == 0) continue;
-      if (n >= kLanesMinRows) {
-        xv.resize((hidden + 1) / 2 * kLanes);
-        for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
-          const int M = int(std::min<int64_t>(kLanes, n - t0));
-          for (int j = 0; j < M; ++j) xs[j] = x + pair_token[p0 + t0 + j] * hidden;
-          pack_pairs(xs.data(), M, hidden, xv.data());
-          for (int64_t i = i0; i < i1; i += 8) {  // gate rows i .. i + 7 in lanes 0-7, up's in 8-15
-            const uint16_t *wr[kLanes], *next[kLanes];
-            for (int l = 0; l < 8; ++l) {
-              const int64_t a = e * inter + std::min(i + l, i1 - 1), b = e * inter + std::min(i + 8 + l, i1 - 1);
-              wr[l] = gate + a * hidden, wr[8 + l] = up + a * hidden;
-              next[l] = gate + b * hidden, next[8 + l] = up + b * hidden;
-            }
-            const __mmask16 live = __mmask16((1u << std::min<int64_t>(8, i1 - i)) - 1);
-            uint16_t* a = act.data() + (p0 + t0) * inter + i;
-            lanes_tile(wr, next, hidden, xv.data(), M, [&](int m, __m512 v) {
-              const __m512 gu = round_bf16_16(v), sg = round_bf16_16(silu16(gu));
-              const __m512 u = _mm512_shuffle_f32x4(gu, gu, 0x4E);  // lanes 8-15 to 0-7
-              _mm256_mask_storeu_epi16(a + m * inter, live, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
-            });
-          }
-        }
-        continue;
-      }
-      xs.resize(std::max<int64_t>(n, kLanes));
-      xp.resize(n * packed_len(hidden));
+      if (n == 0 || i1 <= i0) continue;
+      xs.resize(n);
       for (int64_t j = 0; j < n; ++j) xs[j] = x + pair_token[p0 + j] * hidden;
-      pack_rows(xs.data(), int(n), hidden, xp.data());
-      // rows v: gate row i0 + v / 2 for even v, up's for odd (a tile's rows come in such pairs)
-      dot_rows(
-          [&](int64_t v) { return (v % 2 ? up : gate) + (e * inter + i0 + v / 2) * hidden; }, 0, 2 * (i1 - i0),
-          hidden, xp.data(), int(n), true,
-          [&](int64_t v, int R, int j0, int m, const float* y) {
-            // act = bf16(bf16(silu(bf16(g))) * bf16(u)): a row pair's g and u sit ms lanes apart
-            const int ms = row_lanes(R);
-            const __m512 gu = round_bf16_16(_mm512_load_ps(y));
-            const __m512 sg = round_bf16_16(silu16(gu));
-            const __m512 u = R == 2 ? _mm512_shuffle_f32x4(gu, gu, 0x4E) : _mm512_shuffle_f32x4(gu, gu, 0xB1);
-            alignas(64) float a[16];
-            _mm512_store_ps(a, _mm512_mul_ps(sg, u));  // lane i * ms + j (even i): silu(g) * u of row pair i / 2
-            uint16_t b[16];
-            to_bf16_16(a, b);
-            for (int i = 0; i < R && v + i < 2 * (i1 - i0); i += 2)
-              for (int j = 0; j < m; ++j) act[(p0 + j0 + j) * inter + i0 + (v + i) / 2] = b[i * ms + j];
-          });
+      // tile row v: gate (v % 16 < 8) or up row i0 + 8 (v / 16) + v % 8 of expert f
+      auto row_of = [&](int64_t f, int64_t v) {
+        const int64_t i = std::min(i0 + 8 * (v / 16) + v % 8, i1 - 1);
+        return (v % 16 < 8 ? gate : up) + (f * inter + i) * hidden;
+      };
+      const uint16_t* after[16];  // the next chosen expert's first tile
+      int64_t f = e + 1;
+      while (f < n_experts && starts[f + 1] == starts[f]) ++f;
+      for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, l) : nullptr;
+      auto row = [&](int64_t v) { return row_of(e, v); };
+      tiles16(row, 0, (i1 - i0 + 7) / 8 * 16, hidden, xs.data(), n, scratch, f < n_experts ? after : nullptr,
+              [&](int64_t v, int64_t j, __m512 y) {
+        // act = bf16(bf16(silu(bf16(g))) * bf16(u)): g in lanes 0-7, u in 8-15
+        const int64_t i = i0 + v / 2;
+        const __m512 gu = round_bf16_16(y), sg = round_bf16_16(silu16(gu));
+        const __m512 u = _mm512_shuffle_f32x4(gu, gu, 0x4E);
+        const __mmask16 live = __mmask16((1u << std::min<int64_t>(8, i1 - i)) - 1);
+        _mm256_mask_storeu_epi16(act.data() + (p0 + j) * inter + i, live, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
+      });
     }
   }
-  // Pass 2 (tiles: rows of down, against the expert's activations; token-lanes tiles from
-  // kLanesMinRows tokens).
+  // Pass 2: tiles of 16 down rows against the expert's activations, into the fp32 sums.
 #pragma omp parallel num_threads(threads)
   {
     int64_t d0, d1;
     row_range(hidden, &d0, &d1);
-    std::vector<const uint16_t*> as(kLanes);
-    std::vector<uint16_t> ap;
-    std::vector<float> av;
+    std::vector<const uint16_t*> as;
+    std::vector<uint16_t> scratch;
     for (int64_t e = 0; e < n_experts; ++e) {
       const int64_t p0 = starts[e], n = starts[e + 1] - p0;
-      if (n == 0) continue;
-      if (n >= kLanesMinRows) {
-        av.resize((inter + 1) / 2 * kLanes);
-        for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
-          const int M = int(std::min<int64_t>(kLanes, n - t0));
-          for (int j = 0; j < M; ++j) as[j] = act.data() + (p0 + t0 + j) * inter;
-          pack_pairs(as.data(), M, inter, av.data());
-          for (int64_t d = d0; d < d1; d += kLanes) {
-            const uint16_t *wr[kLanes], *next[kLanes];
-            for (int l = 0; l < kLanes; ++l) {
-              wr[l] = down + (e * hidden + std::min(d + l, d1 - 1)) * inter;
-              next[l] = down + (e * hidden + std::min(d + kLanes + l, d1 - 1)) * inter;
-            }
-            const __mmask16 live = __mmask16((1u << std::min<int64_t>(kLanes, d1 - d)) - 1);
-            lanes_tile(wr, next, inter, av.data(), M, [&](int m, __m512 v) {
-              const int64_t p = p0 + t0 + m;
-              float* a = acc.data() + pair_token[p] * hidden + d;
-              const __m512 y = _mm512_mul_ps(_mm512_set1_ps(pair_weight[p]), round_bf16_16(v));
-              _mm512_mask_storeu_ps(a, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, a), y));
-            });
-          }
-        }
-        continue;
-      }
-      as.resize(std::max<int64_t>(n, kLanes));
-      ap.resize(n * packed_len(inter));
+      if (n == 0 || d1 <= d0) continue;
+      as.resize(n);
       for (int64_t j = 0; j < n; ++j) as[j] = act.data() + (p0 + j) * inter;
-      pack_rows(as.data(), int(n), inter, ap.data());
-      dot_rows(
-          [&](int64_t d) { return down + (e * hidden + d) * inter; }, d0, d1, inter, ap.data(), int(n), true,
-          [&](int64_t d, int R, int j0, int m, const float* y) {
-            alignas(64) float r[16];
-            _mm512_store_ps(r, round_bf16_16(_mm512_load_ps(y)));
-            const int ms = row_lanes(R);
-            for (int i = 0; i < R && d + i < d1; ++i)
-              for (int j = 0; j < m; ++j) {
-                const int64_t p = p0 + j0 + j;
-                acc[pair_token[p] * hidden + d + i] += pair_weight[p] * r[i * ms + j];
-              }
-          });
+      auto row_of = [&](int64_t f, int64_t d) { return down + (f * hidden + std::min(d, d1 - 1)) * inter; };
+      const uint16_t* after[16];  // the next chosen expert's first tile
+      int64_t f = e + 1;
+      while (f < n_experts && starts[f + 1] == starts[f]) ++f;
+      for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, d0 + l) : nullptr;
+      auto row = [&](int64_t d) { return row_of(e, d); };
+      tiles16(row, d0, d1, inter, as.data(), n, scratch, f < n_experts ? after : nullptr,
+              [&](int64_t d, int64_t j, __m512 y) {
+        const int64_t p = p0 + j;
+        const __mmask16 live = __mmask16((1u << std::min<int64_t>(16, d1 - d)) - 1);
+        float* a = acc.data() + pair_token[p] * hidden + d;
+        const __m512 wy = _mm512_mul_ps(_mm512_set1_ps(pair_weight[p]), round_bf16_16(y));
+        _mm512_mask_storeu_ps(a, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, a), wy));
+      });
     }
   }
   for (int64_t k = 0; k < tokens * hidden; k += 16) {  // out = bf16(acc), 16 lanes at a time
@@ -747,8 +799,7 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
 // w[h * w_head_stride + o * w_row_stride + i], or with w_transposed at
 // w[h * w_head_stride + i * w_row_stride + o] (W_h^T stored row by row: a transposed view such as
 // MLA's w_uk^T, read in place). Untransposed, threads split the H * N weight rows and stream each
-// once for all T rows of x (with AVX512-BF16: two rows against tiles of 8 rows of x, or from
-// kLanesMinRows rows 16 against 16 rows of x in the lanes; else one row against 8 rows at a time); transposed, threads split (head, 32 outputs) blocks: x @ W as
+// once for all T rows of x (with AVX512-BF16: tiles16; else one row against 8 rows at a time); transposed, threads split (head, 32 outputs) blocks: x @ W as
 // weighted_rows (the portable path: fp32 loops).
 int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t heads,
                       int64_t in_features, int64_t out_features, int64_t x_token_stride, int64_t x_head_stride,
@@ -793,46 +844,17 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
     row_range(rows, &r0, &r1);
 #if GLM5C_DPBF16
     std::vector<const uint16_t*> xs(tokens);
-    if (tokens >= kLanesMinRows) {  // token-lanes tiles, 16 rows of x at a time
-      std::vector<float> xv((K + 1) / 2 * kLanes);
-      for (int64_t s0 = r0; s0 < r1;) {  // one head's rows at a time: [s0, s1)
-        const int64_t head = s0 / N, s1 = std::min(r1, (head + 1) * N);
-        const uint16_t* wh = w + head * w_head_stride;
-        auto row = [&](int64_t r) { return wh + (std::min(r, s1 - 1) - head * N) * w_row_stride; };
-        for (int64_t t0 = 0; t0 < tokens; t0 += kLanes) {
-          const int M = int(std::min<int64_t>(kLanes, tokens - t0));
-          for (int j = 0; j < M; ++j) xs[j] = x + (t0 + j) * x_token_stride + head * x_head_stride;
-          pack_pairs(xs.data(), M, K, xv.data());
-          for (int64_t r = s0; r < s1; r += kLanes) {
-            const uint16_t *wr[kLanes], *next[kLanes];
-            for (int i = 0; i < kLanes; ++i) wr[i] = row(r + i), next[i] = row(r + kLanes + i);
-            const __mmask16 live = __mmask16((1u << std::min<int64_t>(kLanes, s1 - r)) - 1);
-            uint16_t* o = out + t0 * rows + r;
-            lanes_tile(wr, next, K, xv.data(), M, [&](int m, __m512 v) {
-              _mm256_mask_storeu_epi16(o + m * rows, live, (__m256i)_mm512_cvtneps_pbh(v));
-            });
-          }
-        }
-        s0 = s1;
-      }
-    } else {
-    std::vector<uint16_t> xp(tokens * packed_len(K));
+    std::vector<uint16_t> scratch;
     for (int64_t s0 = r0; s0 < r1;) {  // one head's rows at a time: [s0, s1)
       const int64_t head = s0 / N, s1 = std::min(r1, (head + 1) * N);
       const uint16_t* wh = w + head * w_head_stride;
       for (int64_t t = 0; t < tokens; ++t) xs[t] = x + t * x_token_stride + head * x_head_stride;
-      pack_rows(xs.data(), int(tokens), K, xp.data());
-      dot_rows(
-          [&](int64_t r) { return wh + (r - head * N) * w_row_stride; }, s0, s1, K, xp.data(), int(tokens), true,
-          [&](int64_t r, int R, int t0, int m, const float* y) {
-            uint16_t b[16];
-            to_bf16_16(y, b);
-            const int ms = row_lanes(R);
-            for (int i = 0; i < R && r + i < s1; ++i)
-              for (int j = 0; j < m; ++j) out[(t0 + j) * rows + r + i] = b[i * ms + j];
-          });
+      auto row = [&](int64_t r) { return wh + (std::min(r, s1 - 1) - head * N) * w_row_stride; };
+      tiles16(row, s0, s1, K, xs.data(), tokens, scratch, nullptr, [&](int64_t r, int64_t t, __m512 y) {
+        const __mmask16 live = __mmask16((1u << std::min<int64_t>(16, s1 - r)) - 1);
+        _mm256_mask_storeu_epi16(out + t * rows + r, live, (__m256i)_mm512_cvtneps_pbh(y));
+      });
       s0 = s1;
-    }
     }
 #else
     const uint16_t* xs[kMaxRows];
