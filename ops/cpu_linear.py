@@ -16,11 +16,12 @@ Other dtypes (the indexer's fp32 weights_proj) take gemv up to FP32_GEMV_MAX_ROW
 Per-head weights [H, out, in] (MLA's absorbed projections) take the same path, head by head, read
 in place as the model passes them (w_uk^T: a transposed view, w_uv: a split of kv_b_proj's weight;
 copying them cost ~40 us a call). Whole mini decode graphs with the kernel instead of torch's GEMMs
-(bench/cpu_graph_ops.py): 0.82x the time at 8 tokens, 0.90x at 16 (before its register tiles). From
-12 rows the kernel's token-lanes tiles (no reduction across lanes) beat oneDNN on mini's weights
-from memory 1.6-2.7x at 32 rows and 1.05-1.9x at 64; at 128 oneDNN's larger tiles win the larger
-weights (0.85-0.96x), so the kernel stops at 64 (bench/results/2026-11-30-cpu-lanes.md). Per-head
-weights it takes at any rows: MLA's absorbed projections at 256 rows 44 vs 80 us (w_uk^T).
+(bench/cpu_graph_ops.py): 0.82x the time at 8 tokens, 0.90x at 16 (before its register tiles).
+With token-lanes tiles (no reduction across lanes; from 17 rows two vectors of rows a tile) it beats
+oneDNN on mini's weights from memory at every size measured: 1.5-2.5x at 64 rows, 1.2-1.9x at
+128, 1.05-1.36x at 256, 1.01-1.15x at 512 (bench/results/2026-11-30-cpu-lanes.md), so it takes
+bf16 linears up to KERNEL_MAX_ROWS (the measured range); per-head weights at any rows (MLA's
+absorbed projections at 256 rows: 44 vs 80 us, w_uk^T).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .gemv import gemv
 
 GEMV_MAX_ROWS = 1
 FP32_GEMV_MAX_ROWS = 4
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 512
 
 
 def linear_bf16(x: Tensor, weight: Tensor) -> Tensor:

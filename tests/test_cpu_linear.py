@@ -81,13 +81,13 @@ def test_linear_cpu_takes_gemv_then_the_kernel_then_torch(monkeypatch):
     monkeypatch.setattr(ops, "linear_ref", lambda x, w, s=None: calls.append(("torch", x.shape[0])) or F.linear(x, w))
     w = _bf16(8, 16, seed=0)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # in a graph
-    for rows in (1, 2, 16, 64, 65):
+    for rows in (1, 2, 16, 512, 513):
         cpu_linear.linear_cpu(_bf16(rows, 16, seed=rows), w)
     cpu_linear.linear_cpu(torch.randn(4, 16), w.float())  # fp32: gemv up to 4 rows
     cpu_linear.linear_cpu(torch.randn(2, 4, 16), w.float())  # 8 rows, fp32: torch
     cpu_linear.linear_cpu(_bf16(2, 3, 16, seed=1), w)  # [.., in] rows flatten: 6 rows
     cpu_linear.linear_cpu(_bf16(300, 2, 16, seed=1), _bf16(2, 8, 16, seed=2))  # per-head: the kernel at any rows
-    assert calls == [("gemv", 1), ("kernel", 2), ("kernel", 16), ("kernel", 64), ("torch", 65), ("gemv", 4),
+    assert calls == [("gemv", 1), ("kernel", 2), ("kernel", 16), ("kernel", 512), ("torch", 513), ("gemv", 4),
                      ("torch", 2), ("kernel", 6), ("kernel", 300)]  # fmt: skip
     calls.clear()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)  # eagerly: the LM head
