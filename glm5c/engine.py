@@ -188,7 +188,9 @@ class Engine:
         t = time.perf_counter()
         with torch.inference_mode():
             hidden = self.runner(batch, self.cache) if self.runner else self.model(batch, self.cache)
-            logits = self.model.logits(hidden[batch.logits_indices])  # [N, vocab]
+            # every token wants logits (a decode step): its indices are 0 .. n - 1, no gather needed
+            wanted = hidden if batch.logits_indices.shape[0] == hidden.shape[0] else hidden[batch.logits_indices]
+            logits = self.model.logits(wanted)  # [N, vocab]
         if self.device.type == "cuda":  # time the forward, not its launch (sampling syncs right after anyway)
             torch.cuda.synchronize(self.device)
         self.forward_times_s.append(time.perf_counter() - t)

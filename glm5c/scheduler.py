@@ -58,15 +58,20 @@ class Chunk:
     seq: Sequence
     start: int  # first position this step computes
     num_tokens: int
+    # the chunk reaches the sequence's last token (and drafts) as scheduled, so next tokens are
+    # sampled (fixed here: the step reads it many times, and after the sequence grows)
+    needs_logits: bool = field(init=False)
 
-    @property
-    def needs_logits(self) -> bool:
-        """The chunk reaches the sequence's last token (and drafts), so next tokens are sampled."""
-        return self.start + self.num_tokens == len(self.seq.tokens) + len(self.seq.draft)
+    def __post_init__(self) -> None:
+        end = len(self.seq.tokens) + len(self.seq.draft)
+        object.__setattr__(self, "needs_logits", self.start + self.num_tokens == end)
 
     @property
     def token_ids(self) -> list[int]:
-        return (self.seq.tokens + self.seq.draft)[self.start : self.start + self.num_tokens]
+        end = self.start + self.num_tokens
+        if not self.seq.draft:  # (no copy of the whole sequence per step)
+            return self.seq.tokens[self.start : end]
+        return (self.seq.tokens + self.seq.draft)[self.start : end]
 
 
 @dataclass
