@@ -20,9 +20,9 @@
 // glm5c_sparse_mla_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: sparse_mla_lowp): each token's heads
 // attend over its selected cache entries, read straight from the paged cache (no gathered copy).
 //
-// With AVX512-BF16 the products run as register tiles of 16 weight rows (tiles16: lanes_tile from
-// 12 rows of x, the 16 rows of x in the lanes, lanes_tile32 from 17, two vectors of them; quad_tile
-// below 12, 4 rows of x by 4 element pairs in the lanes; none needs a reduction across lanes per
+// With AVX512-BF16 the products run as register tiles of 16 weight rows (tiles16: lanes_tile over
+// 16 rows of x, two vectors of 16 rows of x in the lanes; octo_tile from 9, two vectors of 8 rows by
+// 2 element pairs; quad_tile below, 4 rows by 4 pairs; none needs a reduction across lanes per
 // dot product), attention's scores as
 // dot_tile (a few cache entries against up to 8 heads, one reduction for 16 dot products), x @ W
 // and attention's values as weighted_rows (entries paired for vdpbf16ps), and the exponentials
@@ -286,87 +286,41 @@ __attribute__((always_inline)) inline void transpose16(__m512* v) {
   }
 }
 
-// Token-lanes tiles, for 9 to 16 rows of x (a batch-16 decode step's linears): x's rows are the 16
-// lanes, so a tile of 16 weight rows needs no reduction across lanes (dot_tile's hsum16 and
-// scattered stores cost as much as its products at K = 256): acc_i += (W_i[2k], W_i[2k+1])
-// broadcast . (x_m[2k], x_m[2k+1]) in lane m, x packed as pairs [ceil(K / 2)][16], and one 16 x 16
-// transpose at the end puts each row of x's 16 outputs together for a contiguous store.
-constexpr int kLanes = 16;
-constexpr int kLanesMinRows = 12;  // below, quad tiles (4 rows of x at a time) are as fast or faster
+// Token-lanes tiles, for 17 or more rows of x (prefill-sized steps): x's rows are the lanes, so a
+// tile of weight rows needs no reduction across lanes (dot_tile's hsum16 and scattered stores cost
+// as much as its products at K = 256): acc += (W_i[2k], W_i[2k+1]) broadcast . (x_m[2k], x_m[2k+1])
+// in lane m, two vectors of 16 rows of x per pair of elements (a broadcast feeds two products: 10
+// loads per 16 products; one vector needed 17, and ran 0.78-0.89x as fast at 32 to 256 rows), 8
+// weight rows at a time (16 accumulators); 16 x 16 transposes at the end put each row of x's
+// outputs together. x packed as pairs [ceil(K / 2)][32]. On mini's linears from memory it runs at
+// ~850 GFLOP/s (1536 x 512 at 256 rows), 1.05-1.36x oneDNN's speed there.
+constexpr int kLanes = 32;  // rows of x a token-lanes tile takes
+constexpr int kQuadRows = 4;  // rows of x a quad tile takes (below kOctoMinRows)
+constexpr int kOctoMinRows = 9;  // octo tiles from here to 16 rows of x (at 8 two quads are faster)
 
-// xv[k2 * 16 + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for k2 in [0, ceil(K / 2)), zero for
-// m >= M and past K (16 pairs of the 16 rows at a time: a transpose of 32-bit pairs).
-// stride 32 (lanes_tile32): rows m < 16 at xv[k2 * 32 + m], the next 16 at + 16.
-inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv, int stride = 16) {
-  if (stride == 32) {
-    pack_pairs(xs, std::min(M, 16), K, xv, -32);
-    if (M > 16) pack_pairs(xs + 16, M - 16, K, xv + 16, -32);
-    else pack_pairs(xs, 0, K, xv + 16, -32);
-    return;
-  }
-  const int64_t step = stride < 0 ? -stride : stride;
+// xv[k2 * 32 + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for k2 in [0, ceil(K / 2)), zero for
+// m >= M and past K (16 pairs of 16 rows at a time: transposes of 32-bit pairs).
+inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv) {
   const int64_t K2 = (K + 1) / 2;
-  for (int64_t k2 = 0; k2 < K2; k2 += 16) {
-    const int64_t k = 2 * k2;
-    const __mmask32 live = k + 32 <= K ? __mmask32(0xffffffffu) : __mmask32((1ull << (K - k)) - 1);
-    __m512 v[16];
-    for (int m = 0; m < 16; ++m)
-      v[m] = m < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(live, xs[m] + k)) : _mm512_setzero_ps();
-    transpose16(v);
-    for (int j = 0; j < 16 && k2 + j < K2; ++j) _mm512_storeu_ps(xv + (k2 + j) * step, v[j]);
-  }
+  for (int half = 0; half < 2; ++half)
+    for (int64_t k2 = 0; k2 < K2; k2 += 16) {
+      const int64_t k = 2 * k2;
+      const __mmask32 live = k + 32 <= K ? __mmask32(0xffffffffu) : __mmask32((1ull << (K - k)) - 1);
+      __m512 v[16];
+      for (int m = 0; m < 16; ++m)
+        v[m] = 16 * half + m < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(live, xs[16 * half + m] + k))
+                                 : _mm512_setzero_ps();
+      transpose16(v);
+      for (int j = 0; j < 16 && k2 + j < K2; ++j) _mm512_storeu_ps(xv + (k2 + j) * 32 + 16 * half, v[j]);
+    }
 }
 
-// emit(m, v) for m < M, v lane i = dot(w[i][0:K], x_m) in fp32 (x packed by pack_pairs; rows
-// w[i] past the caller's last repeat a real row, their lanes to be ignored). next[i]: the rows the
-// caller reads next, prefetched alongside, a cache line per row per 32 elements.
+// emit(m, v) for m < M (M <= 32), v lane i = dot(w[i][0:K], x_m) in fp32 (x packed by pack_pairs;
+// rows w[i] past the caller's last repeat a real row, their lanes to be ignored). next[i]: the rows
+// the caller reads next, prefetched alongside, a cache line per row per 32 elements.
 template <class Emit>
 inline void lanes_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const float* xv, int M,
                        Emit emit) {
-  __m512 acc[16];
-  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  const int64_t K2 = K / 2;  // whole pairs
-  int64_t k2 = 0;
-  for (; k2 + 16 <= K2; k2 += 16) {
-    for (int i = 0; i < 16; ++i) _mm_prefetch((const char*)(next[i] + 2 * k2), _MM_HINT_T0);
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; ++j) {
-      const __m512bh xj = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + (k2 + j) * 16));
-#pragma GCC unroll 16
-      for (int i = 0; i < 16; ++i) {
-        uint32_t pair;
-        memcpy(&pair, w[i] + 2 * (k2 + j), 4);
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(pair)), xj);
-      }
-    }
-  }
-  for (; k2 < K2; ++k2) {
-    const __m512bh xj = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + k2 * 16));
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      uint32_t pair;
-      memcpy(&pair, w[i] + 2 * k2, 4);
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(pair)), xj);
-    }
-  }
-  if (K % 2) {  // the last element alone: its pair's other half is 0 in x and in the broadcast
-    const __m512bh xj = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + K2 * 16));
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i)
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(int(w[i][K - 1])), xj);
-  }
-  transpose16(acc);  // acc[m] lane i = dot(w[i], x_m)
-  for (int m = 0; m < M; ++m) emit(m, acc[m]);
-}
-
-// lanes_tile for 17 to 32 rows of x (prefill chunks): two vectors of 16 rows of x per pair of
-// elements, 8 weight rows at a time (16 accumulators), so a broadcast feeds two products: 10 loads
-// per 16 products where lanes_tile needs 17. x packed by pack_pairs with stride 32. Against
-// lanes_tile in groups of 16, mini's linears from memory: 1.13-1.28x faster at 32 to 256 rows of x,
-// where it runs at ~850 GFLOP/s (1536 x 512 at 256 rows; oneDNN there: 1.12x its time).
-template <class Emit>
-inline void lanes_tile32(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const float* xv, int M,
-                         Emit emit) {
   alignas(64) float out[32][16];  // [row of x][weight row]
   const int64_t K2 = K / 2;
   for (int h = 0; h < 2; ++h) {  // weight rows 8h .. 8h + 7
@@ -422,6 +376,86 @@ inline void lanes_tile32(const uint16_t* const* w, const uint16_t* const* next, 
   for (int m = 0; m < M; ++m) emit(m, _mm512_load_ps(out[m]));
 }
 
+// Octo tiles, for 9 to 16 rows of x (a batch-16 decode step): two vectors whose lanes are 8 rows of
+// x by 2 pairs of elements, so a 64-bit broadcast of 4 of a weight row's elements feeds two
+// products (10 loads per 16 products, as lanes_tile's; 16 rows of x in one vector's lanes needed 17,
+// and ran 0.78-0.96x as fast at 12 and 16 rows), 8 weight rows at a time, the 2 pairs summed at
+// the end. x packed by pack_octs: [ceil(K / 4)][2][8][4].
+inline void pack_octs(const uint16_t* const* xs, int M, int64_t K, uint16_t* xo) {
+  const int64_t K4 = (K + 3) / 4;
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    const int64_t have = std::min<int64_t>(4, K - 4 * k4);
+    for (int m = 0; m < 16; ++m) {
+      uint16_t* dst = xo + (k4 * 16 + m) * 4;
+      if (m < M && have == 4) {
+        memcpy(dst, xs[m] + 4 * k4, 8);
+      } else {
+        for (int e = 0; e < 4; ++e) dst[e] = m < M && e < have ? xs[m][4 * k4 + e] : 0;
+      }
+    }
+  }
+}
+
+template <class Emit>
+inline void octo_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const uint16_t* xo, int M,
+                      Emit emit) {
+  alignas(64) float out[16][16];  // [row of x][weight row]
+  const int64_t K4 = K / 4;
+  for (int g = 0; g < 2; ++g) {  // weight rows 8g .. 8g + 7
+    const uint16_t* const* wg = w + 8 * g;
+    __m512 acc[16];  // acc[i]: rows of x 0-7, acc[8 + i]: 8-15, against weight row 8g + i
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t k4 = 0;
+    for (; k4 + 8 <= K4; k4 += 8) {  // a cache line of each row at a time
+      for (int i = 0; i < 8; ++i) _mm_prefetch((const char*)(next[8 * g + i] + 4 * k4), _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xo + (k4 + c) * 64);
+        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xo + (k4 + c) * 64 + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          int64_t quad;
+          memcpy(&quad, wg[i] + 4 * (k4 + c), 8);
+          const __m512bh b = (__m512bh)_mm512_set1_epi64(quad);
+          acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
+          acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
+        }
+      }
+    }
+    for (; k4 < K4; ++k4) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xo + k4 * 64);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xo + k4 * 64 + 32);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        int64_t quad;
+        memcpy(&quad, wg[i] + 4 * k4, 8);
+        const __m512bh b = (__m512bh)_mm512_set1_epi64(quad);
+        acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
+        acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
+      }
+    }
+    if (K % 4) {  // the last elements, the weights' masked (x is zero past K)
+      const __mmask8 live = __mmask8((1u << (K % 4)) - 1);
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xo + K4 * 64);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xo + K4 * 64 + 32);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        const __m512bh b = (__m512bh)_mm512_broadcastq_epi64(_mm_maskz_loadu_epi16(live, wg[i] + 4 * K4));
+        acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
+        acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {  // rows of x 8h .. 8h + 7: lane 2m + q -> lane 2m holds the sum
+      __m512 v[16];
+      for (int i = 0; i < 8; ++i)
+        v[i] = _mm512_add_ps(acc[8 * h + i], _mm512_permute_ps(acc[8 * h + i], 0xB1)), v[8 + i] = _mm512_setzero_ps();
+      transpose16(v);  // v[2m] lanes 0-7: weight rows 8g .. 8g + 7 against row 8h + m of x
+      for (int m = 0; m < 8; ++m) _mm256_store_ps(&out[8 * h + m][8 * g], _mm512_castps512_ps256(v[2 * m]));
+    }
+  }
+  for (int m = 0; m < M; ++m) emit(m, _mm512_load_ps(out[m]));
+}
+
 // Quad tiles, for up to 4 rows of x (an expert's few tokens in a decode step): the lanes are 4 rows
 // of x by 4 pairs of elements, so a 128-bit broadcast of 8 of a weight row's elements feeds all 16
 // lanes, and 16 weight rows are reduced together at the end (3 shuffles and adds for 4 rows) where
@@ -429,7 +463,6 @@ inline void lanes_tile32(const uint16_t* const* w, const uint16_t* const* next, 
 // Against dot_tile, interleaved, mini's weights from memory: linears 1.03-1.22x faster at 4 rows
 // of x, 1.01-1.42x at 8 (two quads), mixed at 1 (0.83-1.14x); experts at 4-64 tokens 1.03-1.09x
 // with the next expert's first tile prefetched (there memory, not the reductions, bounds them).
-constexpr int kQuadRows = 4;
 
 // xq[k8 * 32 + j * 8 + e] = x_j[8 k8 + e] for j < 4, zero for j >= M and past K.
 inline void pack_quads(const uint16_t* const* xs, int M, int64_t K, uint16_t* xq) {
@@ -494,24 +527,28 @@ inline void quad_tile(const uint16_t* const* w, const uint16_t* const* next, int
 
 // Weight rows r0, r0 + 16, ... < r1 in tiles of 16 (row(r + i) for i < 16: the caller clamps past
 // its last row) against the n rows of x (xs): emit(r, j, v) for each tile r and j < n, v lane i =
-// dot(row(r + i)[0:K], x_j). Token-lanes tiles from kLanesMinRows rows of x, else quad tiles; x is
+// dot(row(r + i)[0:K], x_j). Token-lanes tiles for over 16 rows of x, octo tiles from kOctoMinRows, else
+// quad tiles; x is
 // packed once (scratch: the caller's, reused), each weight row read once, and the rows of the next
 // tile prefetched alongside; during the last tile, after[0:16] (what the caller reads next, if not null).
 template <class Row, class Emit>
 inline void tiles16(Row row, int64_t r0, int64_t r1, int64_t K, const uint16_t* const* xs, int64_t n,
                     std::vector<uint16_t>& scratch, const uint16_t* const* after, Emit emit) {
   if (n <= 0) return;
-  const bool lanes = n >= kLanesMinRows, wide = n > kLanes;
-  const int group = wide ? 2 * kLanes : lanes ? kLanes : kQuadRows;
+  const int kind = n > 16 ? 2 : n >= kOctoMinRows ? 1 : 0;  // token lanes, octo, quad
+  const int group = kind == 2 ? kLanes : kind == 1 ? 16 : kQuadRows;
   const int64_t groups = (n + group - 1) / group;
-  const int64_t group_len = lanes ? (K + 1) / 2 * group * 2 : (K + 7) / 8 * 32;  // uint16 elements
+  const int64_t group_len = kind == 2 ? (K + 1) / 2 * kLanes * 2 : kind == 1 ? (K + 3) / 4 * 64 : (K + 7) / 8 * 32;  // uint16s
   scratch.resize(groups * group_len);
   for (int64_t g = 0; g < groups; ++g) {
     const int M = int(std::min<int64_t>(group, n - g * group));
-    if (lanes)
-      pack_pairs(xs + g * group, M, K, reinterpret_cast<float*>(scratch.data() + g * group_len), group);
+    uint16_t* xp = scratch.data() + g * group_len;
+    if (kind == 2)
+      pack_pairs(xs + g * group, M, K, reinterpret_cast<float*>(xp));
+    else if (kind == 1)
+      pack_octs(xs + g * group, M, K, xp);
     else
-      pack_quads(xs + g * group, M, K, scratch.data() + g * group_len);
+      pack_quads(xs + g * group, M, K, xp);
   }
   for (int64_t r = r0; r < r1; r += 16) {
     const uint16_t *w[16], *next[16];
@@ -520,10 +557,10 @@ inline void tiles16(Row row, int64_t r0, int64_t r1, int64_t K, const uint16_t* 
     for (int64_t g = 0; g < groups; ++g) {
       const int M = int(std::min<int64_t>(group, n - g * group));
       auto at = [&](int j, __m512 v) { emit(r, g * group + j, v); };
-      if (wide)
-        lanes_tile32(w, next, K, reinterpret_cast<const float*>(scratch.data() + g * group_len), M, at);
-      else if (lanes)
+      if (kind == 2)
         lanes_tile(w, next, K, reinterpret_cast<const float*>(scratch.data() + g * group_len), M, at);
+      else if (kind == 1)
+        octo_tile(w, next, K, scratch.data() + g * group_len, M, at);
       else
         quad_tile(w, next, K, scratch.data() + g * group_len, M, at);
     }
