@@ -20,10 +20,10 @@
 // glm5c_sparse_mla_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: sparse_mla_lowp): each token's heads
 // attend over its selected cache entries, read straight from the paged cache (no gathered copy).
 //
-// With AVX512-BF16 the products run as register tiles of 16 weight rows (tiles16: lanes_tile over
-// 16 rows of x, two vectors of 16 rows of x in the lanes; octo_tile from 9, two vectors of 8 rows by
-// 2 element pairs; quad_tile below, 4 rows by 4 pairs; none needs a reduction across lanes per
-// dot product), attention's scores as
+// With AVX512-BF16 the products run as register tiles of 16 weight rows (tiles16: over 16 rows of x
+// token-lanes tiles, two vectors of 16 rows of x in the lanes; from 9 octo tiles, two vectors of 8
+// rows by 2 element pairs (both bcast_tile); below, quad_tile, 4 rows by 4 pairs; none needs a
+// reduction across lanes per dot product), attention's scores as
 // dot_tile (a few cache entries against up to 8 heads, one reduction for 16 dot products), x @ W
 // and attention's values as weighted_rows (entries paired for vdpbf16ps), and the exponentials
 // (softmax, silu) in 16 lanes (exp512).
@@ -315,70 +315,9 @@ inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv) {
     }
 }
 
-// emit(m, v) for m < M (M <= 32), v lane i = dot(w[i][0:K], x_m) in fp32 (x packed by pack_pairs;
-// rows w[i] past the caller's last repeat a real row, their lanes to be ignored). next[i]: the rows
-// the caller reads next, prefetched alongside, a cache line per row per 32 elements.
-template <class Emit>
-inline void lanes_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const float* xv, int M,
-                       Emit emit) {
-  alignas(64) float out[32][16];  // [row of x][weight row]
-  const int64_t K2 = K / 2;
-  for (int h = 0; h < 2; ++h) {  // weight rows 8h .. 8h + 7
-    const uint16_t* const* wh = w + 8 * h;
-    __m512 acc[16];  // acc[i]: rows of x 0-15, acc[8 + i]: 16-31, against weight row 8h + i
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    int64_t k2 = 0;
-    for (; k2 + 16 <= K2; k2 += 16) {
-      for (int i = 0; i < 8; ++i) _mm_prefetch((const char*)(next[8 * h + i] + 2 * k2), _MM_HINT_T0);
-#pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) {
-        const __m512bh x0 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + (k2 + j) * 32));
-        const __m512bh x1 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + (k2 + j) * 32 + 16));
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          uint32_t pair;
-          memcpy(&pair, wh[i] + 2 * (k2 + j), 4);
-          const __m512bh b = (__m512bh)_mm512_set1_epi32(int(pair));
-          acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
-          acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
-        }
-      }
-    }
-    for (; k2 < K2; ++k2) {
-      const __m512bh x0 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + k2 * 32));
-      const __m512bh x1 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + k2 * 32 + 16));
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        uint32_t pair;
-        memcpy(&pair, wh[i] + 2 * k2, 4);
-        const __m512bh b = (__m512bh)_mm512_set1_epi32(int(pair));
-        acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
-        acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
-      }
-    }
-    if (K % 2) {  // the last element alone
-      const __m512bh x0 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + K2 * 32));
-      const __m512bh x1 = (__m512bh)_mm512_castps_si512(_mm512_loadu_ps(xv + K2 * 32 + 16));
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        const __m512bh b = (__m512bh)_mm512_set1_epi32(int(wh[i][K - 1]));
-        acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
-        acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
-      }
-    }
-    for (int part = 0; part < 2; ++part) {  // rows of x 16 part .. 16 part + 15
-      __m512 v[16];
-      for (int i = 0; i < 8; ++i) v[i] = acc[8 * part + i], v[8 + i] = _mm512_setzero_ps();
-      transpose16(v);  // v[m] lanes 0-7: weight rows 8h .. 8h + 7 against row 16 part + m of x
-      for (int m = 0; m < 16; ++m) _mm256_store_ps(&out[16 * part + m][8 * h], _mm512_castps512_ps256(v[m]));
-    }
-  }
-  for (int m = 0; m < M; ++m) emit(m, _mm512_load_ps(out[m]));
-}
-
 // Octo tiles, for 9 to 16 rows of x (a batch-16 decode step): two vectors whose lanes are 8 rows of
 // x by 2 pairs of elements, so a 64-bit broadcast of 4 of a weight row's elements feeds two
-// products (10 loads per 16 products, as lanes_tile's; 16 rows of x in one vector's lanes needed 17,
+// products (10 loads per 16 products, as token lanes'; 16 rows of x in one vector's lanes needed 17,
 // and ran 0.78-0.96x as fast at 12 and 16 rows), 8 weight rows at a time, the 2 pairs summed at
 // the end. x packed by pack_octs: [ceil(K / 4)][2][8][4].
 inline void pack_octs(const uint16_t* const* xs, int M, int64_t K, uint16_t* xo) {
@@ -396,61 +335,66 @@ inline void pack_octs(const uint16_t* const* xs, int M, int64_t K, uint16_t* xo)
   }
 }
 
-template <class Emit>
-inline void octo_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const uint16_t* xo, int M,
-                      Emit emit) {
-  alignas(64) float out[16][16];  // [row of x][weight row]
-  const int64_t K4 = K / 4;
-  for (int g = 0; g < 2; ++g) {  // weight rows 8g .. 8g + 7
-    const uint16_t* const* wg = w + 8 * g;
-    __m512 acc[16];  // acc[i]: rows of x 0-7, acc[8 + i]: 8-15, against weight row 8g + i
+// emit(m, v) for the M rows of x (M <= 32 / (E / 2)), v lane i = dot(w[i][0:K], x_m) in fp32: the
+// token-lanes tile (E = 2, x packed by pack_pairs) or the octo tile (E = 4, pack_octs). Both stream
+// E elements of a weight row per step, broadcast to all lanes of two vectors of x (rows w[i] past
+// the caller's last repeat a real row, their lanes to be ignored), 8 weight rows at a time;
+// next[i]: the rows the caller reads next, prefetched alongside, a cache line per row per 32 elements.
+template <int E, class Emit>
+inline void bcast_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const uint16_t* x, int M,
+                       Emit emit) {
+  static_assert(E == 2 || E == 4, "pairs (token lanes) or quads (octo)");
+  constexpr int kRows = 16 / (E / 2);  // rows of x per vector
+  alignas(64) float out[2 * kRows][16];  // [row of x][weight row]
+  auto bcast = [](const uint16_t* p) {
+    if constexpr (E == 2) {
+      int32_t v;
+      memcpy(&v, p, 4);
+      return (__m512bh)_mm512_set1_epi32(v);
+    } else {
+      int64_t v;
+      memcpy(&v, p, 8);
+      return (__m512bh)_mm512_set1_epi64(v);
+    }
+  };
+  const int64_t KE = K / E;  // whole steps
+  for (int h = 0; h < 2; ++h) {  // weight rows 8h .. 8h + 7
+    const uint16_t* const* wh = w + 8 * h;
+    __m512 acc[16];  // acc[i]: x's first vector, acc[8 + i]: its second, against weight row 8h + i
     for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    int64_t k4 = 0;
-    for (; k4 + 8 <= K4; k4 += 8) {  // a cache line of each row at a time
-      for (int i = 0; i < 8; ++i) _mm_prefetch((const char*)(next[8 * g + i] + 4 * k4), _MM_HINT_T0);
+    auto step = [&](int64_t k, __m512bh b0, int i) {  // (inlined: acc stays in registers)
+      acc[i] = _mm512_dpbf16_ps(acc[i], b0, (__m512bh)_mm512_loadu_si512(x + k * 64));
+      acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b0, (__m512bh)_mm512_loadu_si512(x + k * 64 + 32));
+    };
+    int64_t k = 0;
+    for (; k + 32 / E <= KE; k += 32 / E) {
+      for (int i = 0; i < 8; ++i) _mm_prefetch((const char*)(next[8 * h + i] + E * k), _MM_HINT_T0);
+#pragma GCC unroll 16
+      for (int c = 0; c < 32 / E; ++c)
 #pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xo + (k4 + c) * 64);
-        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xo + (k4 + c) * 64 + 32);
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          int64_t quad;
-          memcpy(&quad, wg[i] + 4 * (k4 + c), 8);
-          const __m512bh b = (__m512bh)_mm512_set1_epi64(quad);
-          acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
-          acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
-        }
-      }
+        for (int i = 0; i < 8; ++i) step(k + c, bcast(wh[i] + E * (k + c)), i);
     }
-    for (; k4 < K4; ++k4) {
-      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xo + k4 * 64);
-      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xo + k4 * 64 + 32);
+    for (; k < KE; ++k)
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) step(k, bcast(wh[i] + E * k), i);
+    if (K % E) {  // the last elements, the weights' masked (x is zero past K)
+      const __mmask8 live = __mmask8((1u << (K % E)) - 1);
 #pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) {
-        int64_t quad;
-        memcpy(&quad, wg[i] + 4 * k4, 8);
-        const __m512bh b = (__m512bh)_mm512_set1_epi64(quad);
-        acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
-        acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
+        const __m128i tail = _mm_maskz_loadu_epi16(live, wh[i] + E * KE);
+        step(KE, (__m512bh)(E == 2 ? _mm512_broadcastd_epi32(tail) : _mm512_broadcastq_epi64(tail)), i);
       }
     }
-    if (K % 4) {  // the last elements, the weights' masked (x is zero past K)
-      const __mmask8 live = __mmask8((1u << (K % 4)) - 1);
-      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xo + K4 * 64);
-      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(xo + K4 * 64 + 32);
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) {
-        const __m512bh b = (__m512bh)_mm512_broadcastq_epi64(_mm_maskz_loadu_epi16(live, wg[i] + 4 * K4));
-        acc[i] = _mm512_dpbf16_ps(acc[i], b, x0);
-        acc[8 + i] = _mm512_dpbf16_ps(acc[8 + i], b, x1);
-      }
-    }
-    for (int h = 0; h < 2; ++h) {  // rows of x 8h .. 8h + 7: lane 2m + q -> lane 2m holds the sum
+    for (int part = 0; part < 2; ++part) {  // x's rows kRows part ..
       __m512 v[16];
-      for (int i = 0; i < 8; ++i)
-        v[i] = _mm512_add_ps(acc[8 * h + i], _mm512_permute_ps(acc[8 * h + i], 0xB1)), v[8 + i] = _mm512_setzero_ps();
-      transpose16(v);  // v[2m] lanes 0-7: weight rows 8g .. 8g + 7 against row 8h + m of x
-      for (int m = 0; m < 8; ++m) _mm256_store_ps(&out[8 * h + m][8 * g], _mm512_castps512_ps256(v[2 * m]));
+      for (int i = 0; i < 8; ++i) {
+        const __m512 a = acc[8 * part + i];  // octo: lanes 2m, 2m + 1 hold row m's two pairs
+        v[i] = E == 2 ? a : _mm512_add_ps(a, _mm512_permute_ps(a, 0xB1));
+        v[8 + i] = _mm512_setzero_ps();
+      }
+      transpose16(v);  // v[m * E / 2] lanes 0-7: weight rows 8h .. 8h + 7 against x's row kRows part + m
+      for (int m = 0; m < kRows; ++m)
+        _mm256_store_ps(&out[kRows * part + m][8 * h], _mm512_castps512_ps256(v[m * (E / 2)]));
     }
   }
   for (int m = 0; m < M; ++m) emit(m, _mm512_load_ps(out[m]));
@@ -476,7 +420,7 @@ inline void pack_quads(const uint16_t* const* xs, int M, int64_t K, uint16_t* xq
     }
 }
 
-// emit(j, v) for j < M (M <= 4), v lane i = dot(w[i][0:K], x_j), as lanes_tile's.
+// emit(j, v) for j < M (M <= 4), v lane i = dot(w[i][0:K], x_j), as bcast_tile's.
 template <class Emit>
 inline void quad_tile(const uint16_t* const* w, const uint16_t* const* next, int64_t K, const uint16_t* xq, int M,
                       Emit emit) {
@@ -558,9 +502,9 @@ inline void tiles16(Row row, int64_t r0, int64_t r1, int64_t K, const uint16_t* 
       const int M = int(std::min<int64_t>(group, n - g * group));
       auto at = [&](int j, __m512 v) { emit(r, g * group + j, v); };
       if (kind == 2)
-        lanes_tile(w, next, K, reinterpret_cast<const float*>(scratch.data() + g * group_len), M, at);
+        bcast_tile<2>(w, next, K, scratch.data() + g * group_len, M, at);
       else if (kind == 1)
-        octo_tile(w, next, K, scratch.data() + g * group_len, M, at);
+        bcast_tile<4>(w, next, K, scratch.data() + g * group_len, M, at);
       else
         quad_tile(w, next, K, scratch.data() + g * group_len, M, at);
     }
