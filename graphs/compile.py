@@ -53,7 +53,7 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs pick per bucket: the
 # experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op; for 1
 # token Inductor's gathered loops), linears (cpu_linear.linear_cpu: a fused matrix-vector loop for 1 row,
-# then a C++ kernel up to 16, per-head ones too), attention (dsa_cpu.sparse_mla: a C++ kernel) and the
+# then a C++ kernel up to 512 rows, per-head ones at any), attention (dsa_cpu.sparse_mla: a C++ kernel) and the
 # indexer's top-k (dsa_cpu.indexer_topk: a C++ kernel for a BF16 index cache).
 # Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
