@@ -471,10 +471,10 @@ inline void quad_tile(const uint16_t* const* w, const uint16_t* const* next, int
 
 // Weight rows r0, r0 + 16, ... < r1 in tiles of 16 (row(r + i) for i < 16: the caller clamps past
 // its last row) against the n rows of x (xs): emit(r, j, v) for each tile r and j < n, v lane i =
-// dot(row(r + i)[0:K], x_j). Token-lanes tiles for over 16 rows of x, octo tiles from kOctoMinRows, else
-// quad tiles; x is
-// packed once (scratch: the caller's, reused), each weight row read once, and the rows of the next
-// tile prefetched alongside; during the last tile, after[0:16] (what the caller reads next, if not null).
+// dot(row(r + i)[0:K], x_j). Token-lanes tiles for over 16 rows of x, octo tiles from kOctoMinRows,
+// else quad tiles; x is packed once (scratch: the caller's, reused), each weight row read once, and
+// the rows of the next tile prefetched alongside; during the last tile, after[0:16] (what the
+// caller reads next, if not null).
 template <class Row, class Emit>
 inline void tiles16(Row row, int64_t r0, int64_t r1, int64_t K, const uint16_t* const* xs, int64_t n,
                     std::vector<uint16_t>& scratch, const uint16_t* const* after, Emit emit) {
