@@ -1,7 +1,7 @@
 """What the server's processes cost: the same workload through `glm5c serve` (RPC, tokenizer and
 detokenizer processes) and through the in-process engine, in the same run.
 
-    python bench/bench_serve_overhead.py [--model DIR] [--requests 32] [--input-len 32] [--output-len 32]
+    python bench/bench_serve_overhead.py [--model DIR] [--artifacts DIR] [--requests 32] [--input-len 32] [--output-len 32]
 
 Throughput: N requests submitted at once, greedy, ignore_eos; generated tokens / wall time from
 the first submission to the last final message (in-process: the whole LLM.generate call). The two
@@ -33,10 +33,10 @@ def prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
 
 
 class InProcess:
-    def __init__(self, model: str | None) -> None:
+    def __init__(self, model: str | None, artifacts: str | None = None) -> None:
         from glm5c import LLM
 
-        self.llm = LLM(model)
+        self.llm = LLM(model, artifacts=artifacts)
 
     def throughput(self, workload: list[list[int]], output_len: int) -> tuple[int, float]:
         from glm5c import SamplingParams
@@ -90,6 +90,7 @@ class OverRPC:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="default: the built-in mini model")
+    parser.add_argument("--artifacts", help="both sides run these compiled graphs (default: the eager engine)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
@@ -104,8 +105,9 @@ def main() -> None:
 
     model = args.model or str(default_model_dir())
     workload = prompts(args.requests, args.input_len, args.seed, 1000)
-    local = InProcess(model)
-    with ServerProcess(["--model", model, "--port", "0"]) as server:
+    local = InProcess(model, args.artifacts)
+    artifacts = ["--artifacts", args.artifacts] if args.artifacts else []
+    with ServerProcess(["--model", model, *artifacts, "--port", "0"]) as server:
         rpc = OverRPC(server.address)
         for runner in (local, rpc):  # warm-up
             runner.throughput(workload[:2], args.output_len)
@@ -122,7 +124,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
         f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
         "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "model": model, "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len,
+        "model": model, "artifacts": args.artifacts, "requests": args.requests, "input_len": args.input_len, "output_len": args.output_len,
         "repeats": args.repeats, "in_process_tok_per_s": rates["local"], "rpc_tok_per_s": rates["rpc"],
         "best_in_process_tok_per_s": max(rates["local"]), "best_rpc_tok_per_s": max(rates["rpc"]),
         "rpc_over_in_process_median_of_rounds": ratio,
