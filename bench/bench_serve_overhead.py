@@ -20,6 +20,7 @@ import random
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    if args.artifacts and not Path(args.artifacts, "manifest.json").is_file():
+        parser.error(f"--artifacts {args.artifacts}: no manifest.json there (run `glm5c compile` first)")
 
     from glm5c.default_model import default_model_dir
     from glm5c.serve.launcher import ServerProcess

@@ -250,3 +250,9 @@ def test_cpu_graph_ops_bad_input(argv, message):
     run = subprocess.run([sys.executable, "-m", "glm5c.bench.cpu_graph_ops", *argv], capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_bench_serve_overhead_bad_artifacts():
+    run = subprocess.run([sys.executable, "bench/bench_serve_overhead.py", "--artifacts", "/nonexistent"],
+                         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert run.returncode == 2 and "no manifest.json there" in run.stderr and "Traceback" not in run.stderr

@@ -738,6 +738,11 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
 
 #if GLM5C_DPBF16
+  auto next_chosen = [&](int64_t e) {  // the next expert with tokens after e (n_experts: none)
+    int64_t f = e + 1;
+    while (f < n_experts && starts[f + 1] == starts[f]) ++f;
+    return f;
+  };
   // Pass 1: tiles of 8 gate rows and their 8 up rows against the expert's tokens.
 #pragma omp parallel num_threads(threads)
   {
@@ -755,9 +760,8 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
         const int64_t i = std::min(i0 + 8 * (v / 16) + v % 8, i1 - 1);
         return (v % 16 < 8 ? gate : up) + (f * inter + i) * hidden;
       };
-      const uint16_t* after[16];  // the next chosen expert's first tile
-      int64_t f = e + 1;
-      while (f < n_experts && starts[f + 1] == starts[f]) ++f;
+      const int64_t f = next_chosen(e);
+      const uint16_t* after[16];  // its first tile
       for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, l) : nullptr;
       auto row = [&](int64_t v) { return row_of(e, v); };
       tiles16(row, 0, (i1 - i0 + 7) / 8 * 16, hidden, xs.data(), n, scratch, f < n_experts ? after : nullptr,
@@ -784,9 +788,8 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
       as.resize(n);
       for (int64_t j = 0; j < n; ++j) as[j] = act.data() + (p0 + j) * inter;
       auto row_of = [&](int64_t f, int64_t d) { return down + (f * hidden + std::min(d, d1 - 1)) * inter; };
-      const uint16_t* after[16];  // the next chosen expert's first tile
-      int64_t f = e + 1;
-      while (f < n_experts && starts[f + 1] == starts[f]) ++f;
+      const int64_t f = next_chosen(e);
+      const uint16_t* after[16];  // its first tile
       for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, d0 + l) : nullptr;
       auto row = [&](int64_t d) { return row_of(e, d); };
       tiles16(row, d0, d1, inter, as.data(), n, scratch, f < n_experts ? after : nullptr,
