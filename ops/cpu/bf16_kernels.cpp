@@ -738,69 +738,60 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
 
 #if GLM5C_DPBF16
-  auto next_chosen = [&](int64_t e) {  // the next expert with tokens after e (n_experts: none)
-    int64_t f = e + 1;
-    while (f < n_experts && starts[f + 1] == starts[f]) ++f;
-    return f;
+  // One pass over the chosen experts (a thread's share): each one's rows of x (x_row(pair)) against
+  // its weight rows [r0, r1) (row_of(expert, r), clamped by the caller) in tiles16, the next chosen
+  // expert's first tile prefetched during the last; emit(p0, r, j, y) as tiles16's, p0 the
+  // expert's first pair.
+  auto pass = [&](int64_t r0, int64_t r1, int64_t K, auto x_row, auto row_of, auto emit) {
+    std::vector<const uint16_t*> xs;
+    std::vector<uint16_t> scratch;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      const int64_t p0 = starts[e], n = starts[e + 1] - p0;
+      if (n == 0 || r1 <= r0) continue;
+      xs.resize(n);
+      for (int64_t j = 0; j < n; ++j) xs[j] = x_row(p0 + j);
+      int64_t f = e + 1;  // the next expert with tokens
+      while (f < n_experts && starts[f + 1] == starts[f]) ++f;
+      const uint16_t* after[16];
+      for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, r0 + l) : nullptr;
+      tiles16([&](int64_t r) { return row_of(e, r); }, r0, r1, K, xs.data(), n, scratch,
+              f < n_experts ? after : nullptr, [&](int64_t r, int64_t j, __m512 y) { emit(p0, r, j, y); });
+    }
   };
   // Pass 1: tiles of 8 gate rows and their 8 up rows against the expert's tokens.
 #pragma omp parallel num_threads(threads)
   {
     int64_t i0, i1;
     row_range(inter, &i0, &i1);
-    std::vector<const uint16_t*> xs;
-    std::vector<uint16_t> scratch;
-    for (int64_t e = 0; e < n_experts; ++e) {
-      const int64_t p0 = starts[e], n = starts[e + 1] - p0;
-      if (n == 0 || i1 <= i0) continue;
-      xs.resize(n);
-      for (int64_t j = 0; j < n; ++j) xs[j] = x + pair_token[p0 + j] * hidden;
-      // tile row v: gate (v % 16 < 8) or up row i0 + 8 (v / 16) + v % 8 of expert f
-      auto row_of = [&](int64_t f, int64_t v) {
-        const int64_t i = std::min(i0 + 8 * (v / 16) + v % 8, i1 - 1);
-        return (v % 16 < 8 ? gate : up) + (f * inter + i) * hidden;
-      };
-      const int64_t f = next_chosen(e);
-      const uint16_t* after[16];  // its first tile
-      for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, l) : nullptr;
-      auto row = [&](int64_t v) { return row_of(e, v); };
-      tiles16(row, 0, (i1 - i0 + 7) / 8 * 16, hidden, xs.data(), n, scratch, f < n_experts ? after : nullptr,
-              [&](int64_t v, int64_t j, __m512 y) {
-        // act = bf16(bf16(silu(bf16(g))) * bf16(u)): g in lanes 0-7, u in 8-15
-        const int64_t i = i0 + v / 2;
-        const __m512 gu = round_bf16_16(y), sg = round_bf16_16(silu16(gu));
-        const __m512 u = _mm512_shuffle_f32x4(gu, gu, 0x4E);
-        const __mmask16 live = __mmask16((1u << std::min<int64_t>(8, i1 - i)) - 1);
-        _mm256_mask_storeu_epi16(act.data() + (p0 + j) * inter + i, live, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
-      });
-    }
+    pass(0, (i1 - i0 + 7) / 8 * 16, hidden, [&](int64_t p) { return x + pair_token[p] * hidden; },
+         [&](int64_t e, int64_t v) {  // tile row v: gate (v % 16 < 8) or up row i0 + 8 (v / 16) + v % 8
+           const int64_t i = std::min(i0 + 8 * (v / 16) + v % 8, i1 - 1);
+           return (v % 16 < 8 ? gate : up) + (e * inter + i) * hidden;
+         },
+         [&](int64_t p0, int64_t v, int64_t j, __m512 y) {
+           // act = bf16(bf16(silu(bf16(g))) * bf16(u)): g in lanes 0-7, u in 8-15
+           const int64_t i = i0 + v / 2;
+           const __m512 gu = round_bf16_16(y), sg = round_bf16_16(silu16(gu));
+           const __m512 u = _mm512_shuffle_f32x4(gu, gu, 0x4E);
+           const __mmask16 live = __mmask16((1u << std::min<int64_t>(8, i1 - i)) - 1);
+           _mm256_mask_storeu_epi16(act.data() + (p0 + j) * inter + i, live,
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
+         });
   }
   // Pass 2: tiles of 16 down rows against the expert's activations, into the fp32 sums.
 #pragma omp parallel num_threads(threads)
   {
     int64_t d0, d1;
     row_range(hidden, &d0, &d1);
-    std::vector<const uint16_t*> as;
-    std::vector<uint16_t> scratch;
-    for (int64_t e = 0; e < n_experts; ++e) {
-      const int64_t p0 = starts[e], n = starts[e + 1] - p0;
-      if (n == 0 || d1 <= d0) continue;
-      as.resize(n);
-      for (int64_t j = 0; j < n; ++j) as[j] = act.data() + (p0 + j) * inter;
-      auto row_of = [&](int64_t f, int64_t d) { return down + (f * hidden + std::min(d, d1 - 1)) * inter; };
-      const int64_t f = next_chosen(e);
-      const uint16_t* after[16];  // its first tile
-      for (int l = 0; l < 16; ++l) after[l] = f < n_experts ? row_of(f, d0 + l) : nullptr;
-      auto row = [&](int64_t d) { return row_of(e, d); };
-      tiles16(row, d0, d1, inter, as.data(), n, scratch, f < n_experts ? after : nullptr,
-              [&](int64_t d, int64_t j, __m512 y) {
-        const int64_t p = p0 + j;
-        const __mmask16 live = __mmask16((1u << std::min<int64_t>(16, d1 - d)) - 1);
-        float* a = acc.data() + pair_token[p] * hidden + d;
-        const __m512 wy = _mm512_mul_ps(_mm512_set1_ps(pair_weight[p]), round_bf16_16(y));
-        _mm512_mask_storeu_ps(a, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, a), wy));
-      });
-    }
+    pass(d0, d1, inter, [&](int64_t p) { return (const uint16_t*)act.data() + p * inter; },
+         [&](int64_t e, int64_t d) { return down + (e * hidden + std::min(d, d1 - 1)) * inter; },
+         [&](int64_t p0, int64_t d, int64_t j, __m512 y) {
+           const int64_t p = p0 + j;
+           const __mmask16 live = __mmask16((1u << std::min<int64_t>(16, d1 - d)) - 1);
+           float* a = acc.data() + pair_token[p] * hidden + d;
+           const __m512 wy = _mm512_mul_ps(_mm512_set1_ps(pair_weight[p]), round_bf16_16(y));
+           _mm512_mask_storeu_ps(a, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, a), wy));
+         });
   }
   for (int64_t k = 0; k < tokens * hidden; k += 16) {  // out = bf16(acc), 16 lanes at a time
     const __mmask16 live = k + 16 <= tokens * hidden ? __mmask16(0xffff) : __mmask16((1u << (tokens * hidden - k)) - 1);
