@@ -1,6 +1,8 @@
 """MoE experts on a CPU, eager, at the mini preset's shapes (16 experts, top-4, 512 -> 256), by
-tokens per step: the C++ kernel of a CPU's BF16 graphs (ops/moe_cpu.py) against the torch forms
-it replaced, dense batched GEMMs (every token through every expert) and torch's grouped GEMM.
+tokens per step: the C++ kernel of a CPU's BF16 graphs (ops/moe_cpu.py) on blocked stacks
+("blocked": moe_cpu.pack_experts, what graphs run where the kernel has AVX512-BF16) and on
+[E, out, in] stacks ("kernel"), against the torch forms it replaced, dense batched GEMMs (every
+token through every expert) and torch's grouped GEMM.
 
     python bench/cpu_experts.py [--tokens 1 2 4 8 16 32 64 128 256] [--out FILE]
 
@@ -37,7 +39,11 @@ def kernel(x, ids, w, gate, up, down, scales, first, linear):
     return moe_cpu.experts_bf16(x, ids, w, gate, up, down, first)
 
 
-FORMS = (("kernel", kernel), ("dense", moe.experts_dense), ("grouped", moe.experts_grouped_mm))
+def blocked(x, ids, w, gate, up, down, scales, first, linear):
+    return moe_cpu.experts_packed_bf16(x, ids, w, gate, up, down, first)
+
+
+FORMS = (("kernel", kernel), ("dense", moe.experts_dense), ("grouped", moe.experts_grouped_mm))  # on [E, out, in]
 
 
 def main() -> None:
@@ -54,6 +60,9 @@ def main() -> None:
     e, i, d, k = args.experts, args.intermediate, args.hidden, args.top_k
     layers = [[(torch.randn(*shape, generator=g) * 0.05).bfloat16() for shape in ((e, i, d), (e, i, d), (e, d, i))]
               for _ in range(args.layers)]  # fmt: skip
+    forms = [(name, fn, layers) for name, fn in FORMS]
+    if cpu_kernels.has_avx512_bf16():
+        forms.insert(0, ("blocked", blocked, [moe_cpu.pack_experts(*weights) for weights in layers]))
     print(f"kernel: {'AVX512-BF16' if cpu_kernels.has_avx512_bf16() else 'portable fp32 FMA'} dot products, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     rows = []
@@ -63,21 +72,29 @@ def main() -> None:
         w = torch.rand(t, k, generator=g)
         ref = moe.experts_ref(x, ids, w, *layers[0], (None, None, None), 0, linear_ref).float()
         row = {"tokens": t}
-        for name, fn in FORMS:
-            def cold(fn=fn):
-                for weights in layers:
+        for name, fn, stacks in forms:
+            def cold(fn=fn, stacks=stacks):
+                for weights in stacks:
                     fn(x, ids, w, *weights, (None, None, None), 0, linear_ref)
 
-            row[f"{name}_hot_ms"] = best_ms(fn, x, ids, w, *layers[0], (None, None, None), 0, linear_ref)
-            row[f"{name}_cold_ms"] = best_ms(cold, repeats=5) / len(layers)
-            got = fn(x, ids, w, *layers[0], (None, None, None), 0, linear_ref).float()
+            row[f"{name}_hot_ms"] = best_ms(fn, x, ids, w, *stacks[0], (None, None, None), 0, linear_ref)
+            row[f"{name}_cold_ms"] = best_ms(cold, repeats=5) / len(stacks)
+            got = fn(x, ids, w, *stacks[0], (None, None, None), 0, linear_ref).float()
             row[f"{name}_max_err"] = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1e-9)
         chosen_bytes = ids.unique().numel() * 3 * i * d * 2
         row["kernel_cold_GBps"] = chosen_bytes / row["kernel_cold_ms"] / 1e6
         for name in ("dense", "grouped"):
             row[f"kernel_vs_{name}_cold"] = row[f"{name}_cold_ms"] / row["kernel_cold_ms"]
+        blocked_note = ""
+        if "blocked_cold_ms" in row:
+            row["blocked_cold_GBps"] = chosen_bytes / row["blocked_cold_ms"] / 1e6
+            row["blocked_vs_kernel_cold"] = row["kernel_cold_ms"] / row["blocked_cold_ms"]
+            row["blocked_vs_kernel_hot"] = row["kernel_hot_ms"] / row["blocked_hot_ms"]
+            blocked_note = (f"blocked {row['blocked_cold_ms']:.3f} ({row['blocked_hot_ms']:.3f}) ms "
+                            f"[{row['blocked_cold_GBps']:.0f} GB/s, {row['blocked_vs_kernel_cold']:.2f}x "
+                            f"({row['blocked_vs_kernel_hot']:.2f}x) the kernel on [E, out, in]], ")  # fmt: skip
         rows.append(row)
-        print(f"{t:4d} tokens, cold (hot): kernel {row['kernel_cold_ms']:.3f} ({row['kernel_hot_ms']:.3f}) ms "
+        print(f"{t:4d} tokens, cold (hot): {blocked_note}kernel {row['kernel_cold_ms']:.3f} ({row['kernel_hot_ms']:.3f}) ms "
               f"[{row['kernel_cold_GBps']:.0f} GB/s], dense {row['dense_cold_ms']:.3f} ({row['dense_hot_ms']:.3f}) ms, "
               f"grouped {row['grouped_cold_ms']:.3f} ({row['grouped_hot_ms']:.3f}) ms; kernel "
               f"{row['kernel_vs_dense_cold']:.2f}x dense, {row['kernel_vs_grouped_cold']:.2f}x grouped", flush=True)  # fmt: skip

@@ -28,7 +28,7 @@ from glm5c.bench.provenance import provenance
 from glm5c.graphs.buckets import Buckets
 from glm5c.graphs.compile import compile_artifacts, ops_for
 from glm5c.graphs.runner import GraphRunner
-from glm5c.ops import cpu_linear, dsa, dsa_cpu, gemv, linear_ref, moe
+from glm5c.ops import cpu_linear, dsa, dsa_cpu, gemv, linear_ref, moe, moe_cpu
 from glm5c.weights import build_model
 
 
@@ -69,6 +69,7 @@ VARIANTS = {
     "experts: dense": ("experts", moe.experts_dense),
     "experts: gathered": ("experts", moe.experts_gathered),
     "experts: kernel op": ("experts", _experts_kernel_op),
+    "experts: kernel, unblocked stacks": ("experts", moe_cpu.experts),
     "experts: grouped": ("experts", moe.experts_grouped_mm),
     "linears: GEMM": ("linear", linear_ref),
     "linears: gemv": ("linear", _gemv_linear),
@@ -106,20 +107,23 @@ def main() -> None:
     block_size, max_len = 16, 1024
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(args.model, dtype=torch.bfloat16)
+        models = {}  # by whether the expert stacks are blocked (Ops.pack_experts): the model the graphs were built for
         for name in args.variants:
             swap = VARIANTS[name]
             ops, names = chosen_ops, chosen_names
-            if swap is not None:
+            if swap is not None:  # the other experts forms take [E, out, in] stacks
                 field, fn = swap
-                ops = dataclasses.replace(chosen_ops, **{field: fn})
+                ops = dataclasses.replace(chosen_ops, **{field: fn}, **({"pack_experts": None} if field == "experts" else {}))
                 names = {**chosen_names, field: f"{fn.__name__} ({name})"}
+            blocked = ops.pack_experts is not None
+            if blocked not in models:
+                models[blocked] = build_model(args.model, dtype=torch.bfloat16, ops=ops)
             out = Path(tmp) / f"v{len(runners)}"
             t = time.perf_counter()
             compile_artifacts(args.model, out, Buckets(tuple(args.buckets)), dtype="bfloat16", block_size=block_size,
                               max_model_len=max_len, progress=lambda _: None, op_set=(ops, names))  # fmt: skip
             print(f"compiled {name!r} in {time.perf_counter() - t:.0f} s", flush=True)
-            runners[name] = GraphRunner(out, model, args.model)
+            runners[name] = GraphRunner(out, models[blocked], args.model)
         times: dict[tuple[int, str], list[float]] = {}
         blocks_per_seq = -(-args.context // block_size)
         for bucket in args.buckets:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig
-from .model import GLM5, Linear, Sharding
+from .model import GLM5, Experts, Linear, Sharding
 from .ops import REFERENCE, Ops
 from .ops.fp8 import dequantize_weight_blocks
 
@@ -148,7 +148,17 @@ def build_model(
     plan = _plan(model, config, tensors)
     _materialize(model, torch.device(device))
     _fill(model, Path(model_dir), plan, tensors)
+    if ops.pack_experts is not None:
+        _pack_experts(model, ops.pack_experts)
     return model.eval().requires_grad_(False)
+
+
+def _pack_experts(model: GLM5, pack) -> None:
+    """Each unquantized expert stack in the layout the model's experts op runs fastest (Ops.pack_experts)."""
+    for module in model.modules():
+        if isinstance(module, Experts) and module.gate_proj_scale_inv is None:
+            packed = pack(module.gate_proj, module.up_proj, module.down_proj)
+            module.gate_proj, module.up_proj, module.down_proj = (nn.Parameter(w, requires_grad=False) for w in packed)
 
 
 def _materialize(model: GLM5, device: torch.device) -> None:

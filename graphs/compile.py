@@ -51,8 +51,9 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # so CUDA graphs can capture it. Experts run as torch's grouped GEMM, which takes BF16 only; in
 # other dtypes (CPU exactness runs in fp32) the data-dependent reference loop is wrapped as one
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs pick per bucket: the
-# experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op; for 1
-# token Inductor's gathered loops), linears (cpu_linear.linear_cpu: a fused matrix-vector loop for 1 row,
+# experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op, over expert
+# stacks blocked at load where it has AVX512-BF16 (Ops.pack_experts); on unblocked stacks Inductor's
+# gathered loops for 1 token), linears (cpu_linear.linear_cpu: a fused matrix-vector loop for 1 row,
 # then a C++ kernel up to 512 rows, per-head ones at any), attention (dsa_cpu.sparse_mla: a C++ kernel) and the
 # indexer's top-k (dsa_cpu.indexer_topk: a C++ kernel for a BF16 index cache).
 # Fast kernels take their places here.
@@ -60,7 +61,7 @@ _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "in
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
 _CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe_cpu.experts, sparse_mla=dsa_cpu.sparse_mla,
-                                 indexer_topk=dsa_cpu.indexer_topk),
+                                 indexer_topk=dsa_cpu.indexer_topk, pack_experts=moe_cpu.pack_experts),
              {**_BASE_NAMES, "linear": "cpu_linear.linear_cpu", "experts": "moe_cpu.experts", "sparse_mla": "dsa_cpu.sparse_mla",
               "indexer_topk": "dsa_cpu.indexer_topk"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})

@@ -47,6 +47,9 @@ class Ops:
     index_cache_write: Callable[..., None]
     indexer_topk: Callable[..., Tensor]
     sparse_mla: Callable[..., Tensor]
+    # the expert stacks (gate, up, down) in the layout `experts` runs fastest, applied once at load
+    # (weights.build_model); None: as loaded, [E, out, in]
+    pack_experts: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 REFERENCE = Ops(

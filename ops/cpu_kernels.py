@@ -34,7 +34,7 @@ from .cutlass.build import cache_dir
 SOURCES = {"kernels": Path(__file__).resolve().parent / "cpu" / "bf16_kernels.cpp",
            "ops": Path(__file__).resolve().parent / "cpu" / "bf16_ops.cpp"}  # fmt: skip
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -140,9 +140,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.glm5c_abi_version() != ABI_VERSION:
         raise CpuKernelBuildError(f"{path}: library ABI {lib.glm5c_abi_version()}, expected {ABI_VERSION}")
-    fn = lib.glm5c_moe_experts_bf16
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    for fn in (lib.glm5c_moe_experts_bf16, lib.glm5c_moe_experts_packed_bf16):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_int]
     fn = lib.glm5c_linear_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2

@@ -231,14 +231,15 @@ def test_bad_flags_and_unreachable_server_give_clear_errors(flags, message):
 
 
 def test_cpu_graph_ops_ablation_runs(tiny_dir, tmp_path):
-    """bench/cpu_graph_ops.py on the tiny model: one bucket, the chosen ops and one alternative."""
+    """bench/cpu_graph_ops.py on the tiny model: one bucket, the chosen ops and one alternative
+    (with AVX512-BF16: blocked expert stacks against [E, out, in] ones, a model for each)."""
     out = tmp_path / "ops.json"
     run = subprocess.run([sys.executable, "-m", "glm5c.bench.cpu_graph_ops", "--model", str(tiny_dir), "--buckets", "2",
-                          "--variants", "chosen", "linears: GEMM", "--rounds", "1", "--steps", "2", "--context", "8",
+                          "--variants", "chosen", "experts: kernel, unblocked stacks", "--rounds", "1", "--steps", "2", "--context", "8",
                           "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["bucket"], r["variant"]) for r in rows] == [(2, "chosen"), (2, "linears: GEMM")]
+    assert [(r["bucket"], r["variant"]) for r in rows] == [(2, "chosen"), (2, "experts: kernel, unblocked stacks")]
     assert all(r["step_ms"] > 0 for r in rows) and "| 2 | " in run.stdout
 
 

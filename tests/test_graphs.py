@@ -4,6 +4,7 @@ artifacts are refused with a clear message."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from glm5c.graphs.compile import compile_artifacts, ops_for
 from glm5c.graphs.manifest import MANIFEST_FILE, StaleArtifactsError
 from glm5c.graphs.runner import GraphRunner
 from glm5c.kv_cache import KVCache
+from glm5c.ops import cpu_kernels
+from glm5c.weights import build_model
 
 from .conftest import TINY_BUCKETS as BUCKETS
 
@@ -326,6 +329,12 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
     compiled = LLM(tiny_dir, dtype="bfloat16", artifacts=out)
     eager_model = LLM(tiny_dir, dtype="bfloat16", ops=ops_for("cpu", "bfloat16")[0]).model
     runner = compiled.runner
+    if cpu_kernels.has_avx512_bf16():  # expert stacks blocked at load (moe_cpu.pack_experts), in both
+        for model in (runner.model, eager_model):
+            assert model.layers[1].mlp.experts.gate_proj.shape == (8, 2, 32, 16, 2)  # tiny: 8 x [32, 64]
+        plain = build_model(tiny_dir, dtype=torch.bfloat16, ops=dataclasses.replace(ops_for("cpu", "bfloat16")[0], pack_experts=None))
+        with pytest.raises(StaleArtifactsError, match=r"blocked or not\) differ .* Rebuild them: glm5c compile "):
+            GraphRunner(out, plain, tiny_dir)
     # bucket 2 (gemv linears), and bucket 128 from six 14-token prompts: each within
     # index_topk, so no bf16 near-tie in the indexer's top-k can pick other keys in the two runs
     for seqs in (1, 6):

@@ -156,3 +156,89 @@ def test_without_the_torch_ops_library_the_kernels_run_through_python(monkeypatc
     assert "simulated" in cpu_kernels._ops_loaded
     case = _case(5)
     _close_to_ref(moe_cpu.experts_bf16(*case, 0), *case)
+
+
+# ---- blocked stacks (pack_experts): the packed kernel ----------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="blocked stacks need AVX512-BF16")
+
+
+def _packed(case):
+    x, ids, weights, gate, up, down = case
+    packed = moe_cpu.pack_experts(gate, up, down)
+    assert all(w.dim() == 5 for w in packed)
+    return x, ids, weights, *packed
+
+
+def test_pack_expert_weights_is_a_blocked_view_of_the_same_matrix():
+    w = torch.arange(2 * 32 * 6, dtype=torch.float32).reshape(2, 32, 6).bfloat16()
+    p = moe_cpu.pack_expert_weights(w)
+    assert tuple(p.shape) == (2, 2, 3, 16, 2)
+    assert p[1, 1, 2, 5, 1] == w[1, 16 + 5, 2 * 2 + 1]
+    assert torch.equal(moe_cpu.unpack_expert_weights(p), w)
+    with pytest.raises(ValueError, match=r"\(2, 24, 6\) needs N a multiple of 16"):
+        moe_cpu.pack_expert_weights(w[:, :24])
+
+
+@needs_bf16
+@pytest.mark.parametrize("tokens", [0, 1, 2, 3, 5, 9, 16, 17, 40, 130])
+def test_packed_kernel_matches_reference(tokens):
+    """Every packed_tile size (1-16 rows of x, and groups of 16 past it), against experts_ref."""
+    case = _case(tokens)
+    got = moe_cpu.experts_packed_bf16(*_packed(case), 0)
+    _close_to_ref(got, *case)
+    assert torch.equal(got, torch.ops.glm5c.moe_experts_packed_cpu(*_packed(case), 0))  # the native op: the same kernel
+
+
+@needs_bf16
+def test_packed_skewed_repeated_empty_experts_and_shards():
+    x, ids, weights, *w = _case(37)
+    ids[:, 0] = 5  # 37 rows for expert 5 (three groups of 16), experts 3..15 otherwise empty, repeats add
+    ids[:, 1:] %= 3
+    _close_to_ref(moe_cpu.experts_packed_bf16(*_packed((x, ids, weights, *w)), 0), x, ids, weights, *w)
+    x, ids, weights, *w = _case(9, n_experts=16)
+    full = moe.experts_ref(x.float(), ids, weights, *(t.float() for t in w), NO_SCALES, 0, linear_ref)
+    shards = []
+    for r in range(4):
+        local = [t[r * 4 : r * 4 + 4] for t in w]
+        shards.append(moe_cpu.experts_packed_bf16(*_packed((x, ids, weights, *local)), r * 4).float())
+        _close_to_ref(shards[-1].bfloat16(), x, ids, weights, *local, r * 4)
+    assert (sum(shards) - full).norm() <= 0.02 * full.norm()
+
+
+@needs_bf16
+def test_packed_stacks_in_a_compiled_graph_take_the_packed_op_at_every_size():
+    for tokens in (1, 6):  # 1 token: plain stacks would take Inductor's gathered loops here
+        case = _case(tokens)
+        x, ids, weights, *w = _packed(case)
+
+        def layer(x, ids, weights):
+            return moe_cpu.experts(x, ids, weights, *w, NO_SCALES, 0, linear_ref) * 2
+
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)(x, ids, weights)
+        assert torch.equal(compiled, layer(x, ids, weights))
+        _close_to_ref((compiled.float() / 2).bfloat16(), *case)
+
+
+def test_pack_experts_leaves_stacks_it_cannot_block(monkeypatch):
+    _, _, _, *w = _case(1, inter=40)  # 40 rows: not whole blocks of 16
+    assert all(a is b for a, b in zip(moe_cpu.pack_experts(*w), w))
+    _, _, _, *w = _case(1)
+    monkeypatch.setattr(cpu_kernels, "has_avx512_bf16", lambda: False)  # the portable kernel takes [E, N, K] only
+    assert all(a is b for a, b in zip(moe_cpu.pack_experts(*w), w))
+
+
+@needs_bf16
+def test_packed_bad_input_is_named(portable_lib, monkeypatch):
+    x, ids, weights, gate, up, down = _packed(_case(3))
+    with pytest.raises(ValueError, match=r"shapes do not fit.*blocked"):
+        moe_cpu.experts_packed_bf16(x, ids, weights, gate, up, down[:, :, :-1], 0)
+    with pytest.raises(ValueError, match="x is torch.float32"):
+        moe_cpu.experts_packed_bf16(x.float(), ids, weights, gate, up, down, 0)
+    with pytest.raises((RuntimeError, ValueError), match="moe_experts_packed_cpu: shapes do not fit"):
+        torch.ops.glm5c.moe_experts_packed_cpu(x, ids, weights, up[:, :-1], up, down, 0)
+    monkeypatch.setattr(cpu_kernels, "_lib", portable_lib)  # a kernel without AVX512-BF16 refuses blocked stacks
+    with pytest.raises(RuntimeError, match="need the kernel built with AVX512-BF16"):
+        moe_cpu.experts_packed_bf16(x, ids, weights, gate, up, down, 0)
+    assert portable_lib.glm5c_moe_experts_packed_bf16(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate.data_ptr(),
+                                                      up.data_ptr(), down.data_ptr(), x.data_ptr(), 3, 4, 96, 48, 16, 0, 1) == 3

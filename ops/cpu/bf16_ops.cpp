@@ -47,31 +47,47 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x_, const at::Tensor& weight_) {
   return out;
 }
 
-at::Tensor moe_experts_cpu(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
-                           const at::Tensor& gate_, const at::Tensor& up_, const at::Tensor& down_,
-                           int64_t first_expert) {
-  const char* op = "moe_experts_cpu";
+// moe_experts_cpu, and moe_experts_packed_cpu over blocked stacks (ops/moe_cpu.py:
+// pack_expert_weights): gate_proj, up_proj [E, I / 16, D / 2, 16, 2], down_proj [E, D / 16, I / 2, 16, 2].
+at::Tensor experts(bool blocked, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
+                   const at::Tensor& gate_, const at::Tensor& up_, const at::Tensor& down_, int64_t first_expert) {
+  const char* op = blocked ? "moe_experts_packed_cpu" : "moe_experts_cpu";
+  const int64_t dims = blocked ? 5 : 3;
   check(op, "x", x_, at::kBFloat16, 2);
   check(op, "expert_ids", ids_, at::kLong, 2);
   check(op, "expert_weights", weights_, at::kFloat, 2);
-  check(op, "gate_proj", gate_, at::kBFloat16, 3);
-  check(op, "up_proj", up_, at::kBFloat16, 3);
-  check(op, "down_proj", down_, at::kBFloat16, 3);
-  const int64_t tokens = x_.size(0), hidden = x_.size(1), experts = gate_.size(0), inter = gate_.size(1);
-  TORCH_CHECK(ids_.size(0) == tokens && weights_.sizes() == ids_.sizes() && gate_.size(2) == hidden &&
-                  up_.sizes() == gate_.sizes() && down_.size(0) == experts && down_.size(1) == hidden &&
-                  down_.size(2) == inter,
+  check(op, "gate_proj", gate_, at::kBFloat16, dims);
+  check(op, "up_proj", up_, at::kBFloat16, dims);
+  check(op, "down_proj", down_, at::kBFloat16, dims);
+  const int64_t tokens = x_.size(0), hidden = x_.size(1), n = gate_.size(0), inter = gate_.size(1) * (blocked ? 16 : 1);
+  const bool stacks_fit = blocked ? gate_.sizes() == at::IntArrayRef({n, inter / 16, hidden / 2, 16, 2}) &&
+                                        down_.sizes() == at::IntArrayRef({n, hidden / 16, inter / 2, 16, 2}) &&
+                                        hidden % 16 == 0
+                                  : gate_.sizes() == at::IntArrayRef({n, inter, hidden}) &&
+                                        down_.sizes() == at::IntArrayRef({n, hidden, inter});
+  TORCH_CHECK(ids_.size(0) == tokens && weights_.sizes() == ids_.sizes() && up_.sizes() == gate_.sizes() && stacks_fit,
               op, ": shapes do not fit: x ", x_.sizes(), ", expert_ids ", ids_.sizes(), ", expert_weights ",
               weights_.sizes(), ", gate_proj ", gate_.sizes(), ", up_proj ", up_.sizes(), ", down_proj ",
               down_.sizes());
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), w = weights_.contiguous();
   const at::Tensor gate = gate_.contiguous(), up = up_.contiguous(), down = down_.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  int rc = glm5c_moe_experts_bf16(bf16_in(x), ids.const_data_ptr<int64_t>(), w.const_data_ptr<float>(), bf16_in(gate),
-                                  bf16_in(up), bf16_in(down), bf16_out(out), tokens, ids.size(1), hidden, inter,
-                                  experts, first_expert, at::get_num_threads());
+  int rc = (blocked ? glm5c_moe_experts_packed_bf16 : glm5c_moe_experts_bf16)(
+      bf16_in(x), ids.const_data_ptr<int64_t>(), w.const_data_ptr<float>(), bf16_in(gate), bf16_in(up),
+      bf16_in(down), bf16_out(out), tokens, ids.size(1), hidden, inter, n, first_expert, at::get_num_threads());
   TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
   return out;
+}
+
+at::Tensor moe_experts_cpu(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gate,
+                           const at::Tensor& up, const at::Tensor& down, int64_t first_expert) {
+  return experts(false, x, ids, weights, gate, up, down, first_expert);
+}
+
+at::Tensor moe_experts_packed_cpu(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                                  const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+                                  int64_t first_expert) {
+  return experts(true, x, ids, weights, gate, up, down, first_expert);
 }
 
 at::Tensor sparse_mla_cpu(const at::Tensor& q_, const at::Tensor& kv_, const at::Tensor& indices_,
@@ -133,5 +149,6 @@ TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
   m.impl("indexer_topk_cpu", &indexer_topk_cpu);
   m.impl("linear_bf16_cpu", &linear_bf16_cpu);
   m.impl("moe_experts_cpu", &moe_experts_cpu);
+  m.impl("moe_experts_packed_cpu", &moe_experts_packed_cpu);
   m.impl("sparse_mla_cpu", &sparse_mla_cpu);
 }
