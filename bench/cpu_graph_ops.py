@@ -63,6 +63,9 @@ def _experts_kernel_op(x, expert_ids, expert_weights, gate, up, down, scales, fi
     return torch.ops.glm5c.moe_experts_cpu(x, expert_ids, expert_weights.float(), gate, up, down, first_expert)
 
 
+# an op -> the Ops field that lays out its weights at load (the alternatives take them as loaded)
+LAYOUTS = {"experts": "pack_experts", "linear": "pack_linear"}
+
 # name -> (Ops field, replacement): each variant swaps one op of the chosen set in every bucket
 VARIANTS = {
     "chosen": None,
@@ -75,6 +78,7 @@ VARIANTS = {
     "linears: gemv": ("linear", _gemv_linear),
     "linears: gemv, then GEMM": ("linear", _gemv_then_gemm),
     "linears: gemv to 4 rows, then kernel": ("linear", _gemv_then_kernel),
+    "linears: kernel, unblocked weights": ("linear", cpu_linear.linear_cpu),
     "attention: BF16 matmuls": ("sparse_mla", dsa.sparse_mla_lowp),  # (beyond 4 tokens, the kernel before)
     "attention: fused gemv": ("sparse_mla", dsa.sparse_mla_gemv),
     "attention: gemv to 4 tokens, then kernel": ("sparse_mla", _attention_gemv_then_kernel),
@@ -107,15 +111,16 @@ def main() -> None:
     block_size, max_len = 16, 1024
     runners = {}
     with tempfile.TemporaryDirectory() as tmp:
-        models = {}  # by whether the expert stacks are blocked (Ops.pack_experts): the model the graphs were built for
+        models = {}  # by which weights are blocked (Ops.pack_experts, pack_linear): the model the graphs were built for
         for name in args.variants:
             swap = VARIANTS[name]
             ops, names = chosen_ops, chosen_names
-            if swap is not None:  # the other experts forms take [E, out, in] stacks
+            if swap is not None:  # the other forms of an op take weights as loaded ([out, in], [E, out, in])
                 field, fn = swap
-                ops = dataclasses.replace(chosen_ops, **{field: fn}, **({"pack_experts": None} if field == "experts" else {}))
+                as_loaded = {LAYOUTS[field]: None} if field in LAYOUTS else {}
+                ops = dataclasses.replace(chosen_ops, **{field: fn}, **as_loaded)
                 names = {**chosen_names, field: f"{fn.__name__} ({name})"}
-            blocked = ops.pack_experts is not None
+            blocked = (ops.pack_experts is not None, ops.pack_linear is not None)
             if blocked not in models:
                 models[blocked] = build_model(args.model, dtype=torch.bfloat16, ops=ops)
             out = Path(tmp) / f"v{len(runners)}"

@@ -71,9 +71,11 @@ class Linear(nn.Module):
     """y = x @ W^T. With fp8=True, W is float8_e4m3fn with a [ceil(out/128), ceil(in/128)] fp32
     block scale `weight_scale_inv` (GLM-5-FP8's format)."""
 
-    def __init__(self, in_features: int, out_features: int, ops: Ops, fp8: bool = False, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, ops: Ops, fp8: bool = False, dtype=None,
+                 viewed: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.ops = ops
+        self.viewed = viewed  # the model reads `weight` itself (as views): it keeps the [out, in] layout
         wdtype = torch.float8_e4m3fn if fp8 else dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype), requires_grad=False)
         self.weight_scale_inv = (
@@ -178,7 +180,7 @@ class MLAttention(nn.Module):
         self.kv_a_proj_with_mqa = Linear(config.hidden_size, config.kv_cache_dim, ops, fp8, dtype)
         self.kv_a_layernorm = RMSNorm(config.kv_lora_rank, config.latent_norm_eps, dtype)
         # absorbed into queries and outputs, so always held dequantized: [H * (nope + v), kv_lora]
-        self.kv_b_proj = Linear(config.kv_lora_rank, h * (self.nope_dim + self.v_dim), ops, False, dtype)
+        self.kv_b_proj = Linear(config.kv_lora_rank, h * (self.nope_dim + self.v_dim), ops, False, dtype, viewed=True)
         self.o_proj = Linear(h * self.v_dim, config.hidden_size, ops, fp8, dtype)
         self.indexer = Indexer(config, ops, fp8, dtype) if has_indexer else None
 

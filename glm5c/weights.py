@@ -148,17 +148,20 @@ def build_model(
     plan = _plan(model, config, tensors)
     _materialize(model, torch.device(device))
     _fill(model, Path(model_dir), plan, tensors)
-    if ops.pack_experts is not None:
-        _pack_experts(model, ops.pack_experts)
+    _pack(model, ops)
     return model.eval().requires_grad_(False)
 
 
-def _pack_experts(model: GLM5, pack) -> None:
-    """Each unquantized expert stack in the layout the model's experts op runs fastest (Ops.pack_experts)."""
+def _pack(model: GLM5, ops: Ops) -> None:
+    """Unquantized weights in the layouts the model's ops run fastest (Ops.pack_experts, pack_linear),
+    but for those the model reads itself (Linear.viewed: kv_b_proj's per-head views)."""
     for module in model.modules():
-        if isinstance(module, Experts) and module.gate_proj_scale_inv is None:
-            packed = pack(module.gate_proj, module.up_proj, module.down_proj)
+        if isinstance(module, Experts) and module.gate_proj_scale_inv is None and ops.pack_experts is not None:
+            packed = ops.pack_experts(module.gate_proj, module.up_proj, module.down_proj)
             module.gate_proj, module.up_proj, module.down_proj = (nn.Parameter(w, requires_grad=False) for w in packed)
+        elif isinstance(module, Linear) and module.weight_scale_inv is None and not module.viewed \
+                and ops.pack_linear is not None:  # fmt: skip
+            module.weight = nn.Parameter(ops.pack_linear(module.weight), requires_grad=False)
 
 
 def _materialize(model: GLM5, device: torch.device) -> None:

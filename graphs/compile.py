@@ -29,7 +29,7 @@ import glm5c
 from glm5c.batch import SeqChunk, build_step_batch
 from glm5c.config import ModelConfig
 from glm5c.kv_cache import KVCache
-from glm5c.ops import REFERENCE, Ops, dsa, dsa_cpu, linear_cpu, moe, moe_cpu
+from glm5c.ops import REFERENCE, Ops, cpu_linear, dsa, dsa_cpu, linear_cpu, moe, moe_cpu
 from glm5c.weights import build_model
 
 from .buckets import Buckets
@@ -61,7 +61,8 @@ _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "in
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
 _CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, experts=moe_cpu.experts, sparse_mla=dsa_cpu.sparse_mla,
-                                 indexer_topk=dsa_cpu.indexer_topk, pack_experts=moe_cpu.pack_experts),
+                                 indexer_topk=dsa_cpu.indexer_topk, pack_experts=moe_cpu.pack_experts,
+                                 pack_linear=cpu_linear.pack_linear),
              {**_BASE_NAMES, "linear": "cpu_linear.linear_cpu", "experts": "moe_cpu.experts", "sparse_mla": "dsa_cpu.sparse_mla",
               "indexer_topk": "dsa_cpu.indexer_topk"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})

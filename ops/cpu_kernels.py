@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from .cutlass.build import cache_dir
 
@@ -146,6 +147,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     fn = lib.glm5c_linear_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2
+    fn = lib.glm5c_linear_packed_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     fn = lib.glm5c_sparse_mla_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]
@@ -170,6 +174,36 @@ def check_status(op: str, rc: int, outside: str = "an index") -> None:
         raise IndexError(f"{op}: {outside} lies outside the block table or the cache")
     if rc != 0:
         raise RuntimeError(f"{op}: the kernel rejected its arguments (code {rc})")
+
+
+# The kernels' blocked weight layout (packed tiles, bf16_kernels.cpp: packed_tile): a matrix [N, K]
+# as [N / 16, K / 2, 16, 2], so a 64-byte load is one element pair of 16 rows and each tile of 16
+# rows is one contiguous stream. Weights are blocked once, at load (Ops.pack_linear, pack_experts).
+BLOCK_ROWS = 16
+
+
+def block_weight(w: Tensor) -> Tensor:
+    """[..., N, K] -> blocked [..., N / 16, K / 2, 16, 2]: element (n, k) at [n // 16, k // 2, n % 16, k % 2]."""
+    *lead, n, k = w.shape
+    if n % BLOCK_ROWS or k % 2:
+        raise ValueError(f"block_weight: [..., N, K] = {tuple(w.shape)} needs N a multiple of {BLOCK_ROWS} and K even")
+    d = len(lead)
+    blocks = w.reshape(*lead, n // BLOCK_ROWS, BLOCK_ROWS, k // 2, 2)
+    return blocks.permute(*range(d), d, d + 2, d + 1, d + 3).contiguous()
+
+
+def unblock_weight(w: Tensor) -> Tensor:
+    """block_weight's inverse: [..., N / 16, K / 2, 16, 2] -> [..., N, K]."""
+    *lead, nb, k2, rows, two = w.shape
+    d = len(lead)
+    return w.permute(*range(d), d, d + 2, d + 1, d + 3).reshape(*lead, nb * rows, k2 * two)
+
+
+def blockable(w: Tensor) -> bool:
+    """Whether the kernels take `w` ([..., N, K]) blocked: built with AVX512-BF16, a BF16 CPU tensor,
+    N a multiple of 16, K even."""
+    return (w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.dim() >= 2 and w.shape[-2] % BLOCK_ROWS == 0
+            and w.shape[-1] % 2 == 0 and has_avx512_bf16())  # fmt: skip
 
 
 def has_avx512_bf16() -> bool:

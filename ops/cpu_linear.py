@@ -22,6 +22,12 @@ oneDNN on mini's weights from memory at every size measured: 1.5-2.5x at 64 rows
 128, 1.05-1.36x at 256, 1.01-1.15x at 512 (bench/results/2026-11-30-cpu-lanes.md), so it takes
 bf16 linears up to KERNEL_MAX_ROWS (the measured range); per-head weights at any rows (MLA's
 absorbed projections at 256 rows: 44 vs 80 us, w_uk^T).
+
+Where the kernel has AVX512-BF16 the model's linear weights are blocked at load (pack_linear, as
+Ops.pack_linear; all but kv_b_proj, whose per-head views the model reads itself): [out / 16, in / 2,
+16, 2], each tile of 16 rows one contiguous stream, multiplied with x's pairs broadcast, every lane
+useful at any row count (bf16_kernels.cpp: packed_tile). Those take the packed kernel at every row
+count, the op `glm5c::linear_packed_cpu` (no gemv, no oneDNN: both read [out, in]).
 """
 
 from __future__ import annotations
@@ -85,11 +91,51 @@ cpu_kernels.define_op(
 )
 
 
+def pack_linear(weight: Tensor) -> Tensor:
+    """A linear layer's weight [out, in] as linear_cpu runs it fastest (Ops.pack_linear, at load):
+    blocked [out / 16, in / 2, 16, 2] (cpu_kernels.block_weight) where the kernel has AVX512-BF16 and
+    the weight is BF16 with out a multiple of 16 and in even; else as it is."""
+    return cpu_kernels.block_weight(weight) if weight.dim() == 2 and cpu_kernels.blockable(weight) else weight
+
+
+def linear_packed_bf16(x: Tensor, weight: Tensor) -> Tensor:
+    """The kernel over a blocked weight, eagerly: x [T, in] bf16 @ weight [out / 16, in / 2, 16, 2]
+    (pack_linear) -> [T, out] bf16, fp32 accumulation."""
+    if x.dim() != 2 or weight.dim() != 4 or tuple(weight.shape[2:]) != (cpu_kernels.BLOCK_ROWS, 2) \
+            or x.shape[1] != 2 * weight.shape[1] or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 \
+            or x.device.type != "cpu" or weight.device.type != "cpu":  # fmt: skip
+        raise ValueError(f"linear_packed_cpu: x {x.dtype} {tuple(x.shape)} on {x.device} does not fit blocked weight "
+                         f"{weight.dtype} {tuple(weight.shape)} on {weight.device}: expected bf16 on cpu, x [T, in] "
+                         "for weight [out / 16, in / 2, 16, 2]")  # fmt: skip
+    lib = cpu_kernels.load()
+    if lib is None or not lib.glm5c_has_avx512bf16():
+        raise RuntimeError("linear_packed_cpu: blocked weights need the kernel built with AVX512-BF16; "
+                           "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
+    x, weight = x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous()
+    out = x.new_empty(x.shape[0], weight.shape[0] * cpu_kernels.BLOCK_ROWS)
+    rc = lib.glm5c_linear_packed_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                                      out.shape[1], x.stride(0), torch.get_num_threads())  # fmt: skip
+    cpu_kernels.check_status("linear_packed_cpu", rc)
+    return out
+
+
+cpu_kernels.define_op(
+    "linear_packed_cpu(Tensor x, Tensor weight) -> Tensor",
+    lambda x, weight: linear_packed_bf16(x, weight),
+    lambda x, weight: x.new_empty(x.shape[0], weight.shape[0] * cpu_kernels.BLOCK_ROWS),
+)
+
+
 def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
-    """Ops.linear for a CPU's compiled graphs: gemv, the kernel or linear_ref by rows (above).
-    x [..., in] for weight [out, in]; [T, H, in] for a per-head weight [H, out, in]."""
+    """Ops.linear for a CPU's compiled graphs: gemv, the kernel or linear_ref by rows (above); a
+    blocked weight (pack_linear) by the packed kernel at any rows. x [..., in] for weight [out, in]
+    or blocked [out / 16, in / 2, 16, 2]; [T, H, in] for a per-head weight [H, out, in]."""
     from . import linear_ref
 
+    if weight.dim() == 4:  # blocked (pack_linear): the kernel at any rows
+        rows = x.numel() // x.shape[-1]
+        out = torch.ops.glm5c.linear_packed_cpu(x.reshape(rows, x.shape[-1]), weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
     heads = weight.shape[0] if weight.dim() == 3 else 1
     rows = x.numel() // (heads * x.shape[-1])
     if scale_inv is None and x.dtype == weight.dtype == torch.bfloat16:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import cpu_kernels, moe
 
-PACK_ROWS = 16  # rows in a tile of blocked stacks (pack_expert_weights)
+PACK_ROWS = cpu_kernels.BLOCK_ROWS  # rows in a tile of blocked stacks
 GATHERED_MAX_PAIRS_PER_EXPERT = 0.25  # experts(): Inductor's gathered loops while T * top_k <= this * E_local, then the kernel
 
 
@@ -86,7 +86,7 @@ cpu_kernels.define_op(
 )
 
 
-# Blocked weights (pack_expert_weights): where the kernel has AVX512-BF16, the model holds its
+# Blocked weights (cpu_kernels.block_weight): where the kernel has AVX512-BF16, the model holds its
 # expert stacks as [E, N / 16, K / 2, 16, 2] (Ops.pack_experts, at load), so each tile of 16 rows
 # is one contiguous stream whose 64-byte loads are an element pair of all 16 rows, multiplied with
 # a broadcast pair of x: every lane useful at any token count (bf16_kernels.cpp: packed_tile).
@@ -96,33 +96,18 @@ cpu_kernels.define_op(
 # loops: blocked stacks take the kernel at every size).
 
 
-def pack_expert_weights(w: Tensor) -> Tensor:
-    """[E, N, K] -> blocked [E, N / 16, K / 2, 16, 2]: element (e, n, k) at [e, n // 16, k // 2, n % 16, k % 2]."""
-    e, n, k = w.shape
-    if n % PACK_ROWS or k % 2:
-        raise ValueError(f"pack_expert_weights: [E, N, K] = {tuple(w.shape)} needs N a multiple of {PACK_ROWS} and K even")
-    return w.reshape(e, n // PACK_ROWS, PACK_ROWS, k // 2, 2).permute(0, 1, 3, 2, 4).contiguous()
-
-
-def unpack_expert_weights(w: Tensor) -> Tensor:
-    """pack_expert_weights' inverse: [E, N / 16, K / 2, 16, 2] -> [E, N, K]."""
-    e, nb, k2, rows, two = w.shape
-    return w.permute(0, 1, 3, 2, 4).reshape(e, nb * rows, k2 * two)
-
-
 def pack_experts(gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The model's expert stacks as `experts` runs them fastest: blocked (pack_expert_weights) where
-    the kernel has AVX512-BF16 and the stacks are BF16 with I and D multiples of 16; else as they are."""
-    _, inter, hidden = gate_proj.shape
-    if not (cpu_kernels.has_avx512_bf16() and inter % PACK_ROWS == 0 and hidden % PACK_ROWS == 0
-            and all(w.dtype == torch.bfloat16 and w.device.type == "cpu" for w in (gate_proj, up_proj, down_proj))):  # fmt: skip
-        return gate_proj, up_proj, down_proj
-    return pack_expert_weights(gate_proj), pack_expert_weights(up_proj), pack_expert_weights(down_proj)
+    """The model's expert stacks as `experts` runs them fastest: blocked (cpu_kernels.block_weight)
+    where the kernel has AVX512-BF16 and the stacks are BF16 with I and D multiples of 16; else as they are."""
+    stacks = (gate_proj, up_proj, down_proj)
+    if not all(cpu_kernels.blockable(w) for w in stacks):
+        return stacks
+    return tuple(cpu_kernels.block_weight(w) for w in stacks)
 
 
 def experts_packed_bf16(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_proj: Tensor, up_proj: Tensor,
                         down_proj: Tensor, first_expert: int) -> Tensor:  # fmt: skip
-    """experts_bf16 over blocked stacks (pack_expert_weights), eagerly: x [T, D] bf16 -> [T, D] bf16."""
+    """experts_bf16 over blocked stacks (pack_experts), eagerly: x [T, D] bf16 -> [T, D] bf16."""
     _check(True, x, expert_ids, expert_weights, gate_proj, up_proj, down_proj)
     lib = cpu_kernels.load()
     if lib is None or not lib.glm5c_has_avx512bf16():

@@ -124,3 +124,71 @@ def test_without_the_library_torch_runs(monkeypatch):
     x, w, heads_x, heads_w = _bf16(6, 32, seed=1), _bf16(8, 32, seed=2), _bf16(6, 2, 32, seed=3), _bf16(2, 8, 32, seed=4)
     assert torch.equal(cpu_linear.linear_bf16(x, w), F.linear(x, w))
     assert torch.equal(cpu_linear.linear_bf16(heads_x, heads_w), ops.linear_ref(heads_x, heads_w))
+
+
+# ---- blocked weights (pack_linear): the packed kernel -----------------------------------------
+
+needs_bf16 = pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="blocked weights need AVX512-BF16")
+
+
+def test_block_weight_is_a_blocked_view_of_the_same_matrix():
+    w = torch.arange(32 * 6, dtype=torch.float32).reshape(32, 6).bfloat16()
+    b = cpu_kernels.block_weight(w)
+    assert tuple(b.shape) == (2, 3, 16, 2) and b[1, 2, 5, 1] == w[16 + 5, 2 * 2 + 1]
+    assert torch.equal(cpu_kernels.unblock_weight(b), w)
+    stacked = torch.stack([w, w + 1])  # leading dims: an expert stack [E, N, K]
+    assert torch.equal(cpu_kernels.block_weight(stacked)[1], cpu_kernels.block_weight(w + 1))
+    with pytest.raises(ValueError, match=r"\(24, 6\) needs N a multiple of 16 and K even"):
+        cpu_kernels.block_weight(w[:24])
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 8, 9, 16, 17, 40, 300])
+def test_packed_kernel_matches_torch(rows):
+    """Every packed_tile size (1-16 rows of x, then groups of 16), K not a multiple of 32, strided x."""
+    w = _bf16(80, 70, seed=1)
+    packed = cpu_linear.pack_linear(w)
+    assert packed.shape == (5, 35, 16, 2)
+    x = _bf16(rows, 100, seed=2)[:, 10:80]  # rows 100 apart: read in place
+    got = cpu_linear.linear_packed_bf16(x, packed)
+    _close(got, F.linear(x, w))
+    assert torch.equal(got, torch.ops.glm5c.linear_packed_cpu(x, packed))  # the native op: the same kernel
+    assert torch.equal(cpu_linear.linear_cpu(x.reshape(rows, 1, 70), packed).reshape(rows, 80), got)
+
+
+@needs_bf16
+def test_packed_weights_in_a_compiled_graph_at_every_row_count():
+    """A blocked weight takes the packed kernel at any rows (1 row: no gemv, which reads [out, in])."""
+    w = _bf16(48, 64, seed=2)
+    packed = cpu_linear.pack_linear(w)
+    for rows in (1, 6, 600):
+        x = _bf16(rows, 64, seed=rows)
+
+        def f(x):
+            return cpu_linear.linear_cpu(x, packed) * 2
+
+        compiled = torch.compile(f, fullgraph=True, dynamic=False)(x)
+        assert torch.equal(compiled, f(x))
+        _close(compiled / 2, F.linear(x, w))
+
+
+def test_pack_linear_leaves_weights_it_cannot_block(monkeypatch):
+    for w in (_bf16(40, 64, seed=0), _bf16(48, 63, seed=0), torch.randn(48, 64), _bf16(4, 48, 64, seed=0)):
+        assert cpu_linear.pack_linear(w) is w  # 40 rows, odd K, fp32, per-head
+    monkeypatch.setattr(cpu_kernels, "has_avx512_bf16", lambda: False)
+    w = _bf16(48, 64, seed=0)
+    assert cpu_linear.pack_linear(w) is w
+
+
+@needs_bf16
+def test_packed_bad_input_is_named(portable_lib, monkeypatch):
+    packed = cpu_linear.pack_linear(_bf16(48, 64, seed=0))
+    with pytest.raises(ValueError, match=r"x torch.bfloat16 \(5, 60\).*does not fit blocked weight"):
+        cpu_linear.linear_packed_bf16(_bf16(5, 60, seed=0), packed)
+    with pytest.raises(ValueError, match=r"x torch.float32 \(5, 64\)"):
+        cpu_linear.linear_packed_bf16(torch.randn(5, 64), packed)
+    with pytest.raises((RuntimeError, ValueError), match="linear_packed_cpu: x .* does not fit blocked weight"):
+        torch.ops.glm5c.linear_packed_cpu(_bf16(5, 62, seed=0), packed)
+    monkeypatch.setattr(cpu_kernels, "_lib", portable_lib)  # a kernel without AVX512-BF16 refuses blocked weights
+    with pytest.raises(RuntimeError, match="need the kernel built with AVX512-BF16"):
+        cpu_linear.linear_packed_bf16(_bf16(5, 64, seed=0), packed)

@@ -329,9 +329,12 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
     compiled = LLM(tiny_dir, dtype="bfloat16", artifacts=out)
     eager_model = LLM(tiny_dir, dtype="bfloat16", ops=ops_for("cpu", "bfloat16")[0]).model
     runner = compiled.runner
-    if cpu_kernels.has_avx512_bf16():  # expert stacks blocked at load (moe_cpu.pack_experts), in both
+    if cpu_kernels.has_avx512_bf16():  # weights blocked at load (Ops.pack_experts, pack_linear), in both
         for model in (runner.model, eager_model):
             assert model.layers[1].mlp.experts.gate_proj.shape == (8, 2, 32, 16, 2)  # tiny: 8 x [32, 64]
+            attn = model.layers[1].self_attn
+            assert attn.q_a_proj.weight.shape == (2, 32, 16, 2) and model.lm_head.weight.dim() == 4
+            assert attn.kv_b_proj.weight.dim() == 2  # read as per-head views: as loaded
         plain = build_model(tiny_dir, dtype=torch.bfloat16, ops=dataclasses.replace(ops_for("cpu", "bfloat16")[0], pack_experts=None))
         with pytest.raises(StaleArtifactsError, match=r"blocked or not\) differ .* Rebuild them: glm5c compile "):
             GraphRunner(out, plain, tiny_dir)

@@ -170,16 +170,6 @@ def _packed(case):
     return x, ids, weights, *packed
 
 
-def test_pack_expert_weights_is_a_blocked_view_of_the_same_matrix():
-    w = torch.arange(2 * 32 * 6, dtype=torch.float32).reshape(2, 32, 6).bfloat16()
-    p = moe_cpu.pack_expert_weights(w)
-    assert tuple(p.shape) == (2, 2, 3, 16, 2)
-    assert p[1, 1, 2, 5, 1] == w[1, 16 + 5, 2 * 2 + 1]
-    assert torch.equal(moe_cpu.unpack_expert_weights(p), w)
-    with pytest.raises(ValueError, match=r"\(2, 24, 6\) needs N a multiple of 16"):
-        moe_cpu.pack_expert_weights(w[:, :24])
-
-
 @needs_bf16
 @pytest.mark.parametrize("tokens", [0, 1, 2, 3, 5, 9, 16, 17, 40, 130])
 def test_packed_kernel_matches_reference(tokens):

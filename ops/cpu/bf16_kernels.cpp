@@ -13,8 +13,8 @@
 //      each linear's output, silu's, the product's; the sum is fp32, in expert order.
 //   Two passes (every thread reads its slice of every chosen expert, so each weight byte is read
 //   once): gate/up rows i -> act [pairs, I] bf16, then down rows d -> out[:, d].
-//   glm5c_moe_experts_packed_bf16: the same over stacks blocked at load (ops/moe_cpu.py:
-//   pack_expert_weights, [E, N / 16, K / 2, 16, 2]) in packed tiles: what a CPU with AVX512-BF16 runs.
+//   glm5c_moe_experts_packed_bf16: the same over stacks blocked at load (ops/cpu_kernels.py:
+//   block_weight, [E, N / 16, K / 2, 16, 2]) in packed tiles: what a CPU with AVX512-BF16 runs.
 //
 // glm5c_linear_bf16 (ops/cpu_linear.py; reference ops/__init__.py: linear_ref): x @ w^T, per head;
 //   strided rows and transposed weights are read in place (MLA's absorbed w_uk^T and w_uv).
@@ -471,7 +471,7 @@ inline void quad_tile(const uint16_t* const* w, const uint16_t* const* next, int
   for (int j = 0; j < M; ++j) emit(j, rows[j]);
 }
 
-// Packed tiles, for weights stored blocked (ops/moe_cpu.py: pack_expert_weights): a matrix
+// Packed tiles, for weights stored blocked (ops/cpu_kernels.py: block_weight): a matrix
 // [N, K] as [N / 16][K / 2][16][2], so a 64-byte load is one element pair of 16 rows, in lanes,
 // and each tile of 16 rows is one contiguous stream. acc_j += that load . (x_j's pair broadcast
 // from memory, folded into vdpbf16ps): every lane is a useful product for any number of rows of x
@@ -955,7 +955,7 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
 #endif
 }
 
-// glm5c_moe_experts_bf16 over blocked weights (ops/moe_cpu.py: pack_expert_weights): gate, up
+// glm5c_moe_experts_bf16 over blocked weights (ops/cpu_kernels.py: block_weight): gate, up
 // [E, I / 16, D / 2, 16, 2], down [E, D / 16, I / 2, 16, 2] bf16 (I and D multiples of 16), the
 // same result with the same roundings. Threads split each expert's blocks of 16 rows (each thread's
 // share one contiguous stream per matrix) and take every chosen expert in turn, its rows of x
@@ -1125,6 +1125,51 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
 #endif
   }
   return 0;
+}
+
+// out [T, N] bf16 = x @ W^T for W blocked [N / 16, K / 2, 16, 2] (ops/cpu_kernels.py:
+// block_weight; N a multiple of 16, K even), row t of x at x + t * x_stride (its elements
+// adjacent), fp32 accumulation. Threads split the blocks of 16 outputs (one contiguous stream each);
+// every thread packs x once, 16 rows at a time, and runs each of its tiles as packed_tile against
+// every group of 16 rows (the tile reread from cache), prefetching its next tile meanwhile. Returns
+// 0, 1 when an argument is out of range, 3 when built without AVX512-BF16.
+int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t in_features,
+                             int64_t out_features, int64_t x_stride, int threads) {
+  if (tokens < 0 || in_features <= 0 || out_features <= 0 || in_features % 2 || out_features % 16 || threads <= 0)
+    return 1;
+#if GLM5C_DPBF16
+  const int64_t K2 = in_features / 2, blocks = out_features / 16, groups = (tokens + 15) / 16, tile = K2 * 32;
+  if (tokens == 0) return 0;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num(), per = (blocks + n - 1) / n;
+    const int64_t b0 = std::min(blocks, t * per), b1 = std::min(blocks, (t + 1) * per);
+    if (b0 < b1) {
+      std::vector<int32_t> xv(groups * K2 * 16);
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint16_t* xs[16];
+        const int M = int(std::min<int64_t>(16, tokens - 16 * g));
+        for (int j = 0; j < M; ++j) xs[j] = x + (16 * g + j) * x_stride;
+        pack_pairs16(xs, M, in_features, xv.data() + g * K2 * 16);
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint16_t* wt = w + b * tile;
+        const uint16_t* next = b + 1 < b1 ? wt + tile : wt;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int M = int(std::min<int64_t>(16, tokens - 16 * g));
+          __m512 y[16];
+          packed_tile_n(M, wt, K2, xv.data() + g * K2 * 16, g == 0 ? next : wt, y);
+          for (int j = 0; j < M; ++j)
+            _mm256_storeu_si256((__m256i*)(out + (16 * g + j) * out_features + 16 * b), (__m256i)_mm512_cvtneps_pbh(y[j]));
+        }
+      }
+    }
+  }
+  return 0;
+#else
+  (void)x, (void)w, (void)out, (void)x_stride;
+  return 3;
+#endif
 }
 
 // q [T, H, Dk] bf16, kv [slots, Dk] bf16 (the paged cache, flat), indices [T, K] int32 (positions in

@@ -47,8 +47,23 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x_, const at::Tensor& weight_) {
   return out;
 }
 
-// moe_experts_cpu, and moe_experts_packed_cpu over blocked stacks (ops/moe_cpu.py:
-// pack_expert_weights): gate_proj, up_proj [E, I / 16, D / 2, 16, 2], down_proj [E, D / 16, I / 2, 16, 2].
+// x [T, K] @ W^T for W blocked [N / 16, K / 2, 16, 2] (ops/cpu_kernels.py: block_weight) -> [T, N].
+at::Tensor linear_packed_cpu(const at::Tensor& x_, const at::Tensor& weight) {
+  const char* op = "linear_packed_cpu";
+  check(op, "x", x_, at::kBFloat16, 2);
+  check(op, "weight", weight, at::kBFloat16, 4);
+  TORCH_CHECK(weight.size(2) == 16 && weight.size(3) == 2 && x_.size(1) == 2 * weight.size(1) && weight.is_contiguous(),
+              op, ": x ", x_.sizes(), " does not fit blocked weight ", weight.sizes(), " ([N / 16, K / 2, 16, 2], contiguous)");
+  const at::Tensor x = x_.stride(-1) == 1 || x_.size(-1) == 1 ? x_ : x_.contiguous();
+  at::Tensor out = at::empty({x.size(0), weight.size(0) * 16}, x.options());
+  int rc = glm5c_linear_packed_bf16(bf16_in(x), bf16_in(weight), bf16_out(out), x.size(0), x.size(1), out.size(1),
+                                    x.stride(0), at::get_num_threads());
+  TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
+  return out;
+}
+
+// moe_experts_cpu, and moe_experts_packed_cpu over blocked stacks (ops/cpu_kernels.py:
+// block_weight): gate_proj, up_proj [E, I / 16, D / 2, 16, 2], down_proj [E, D / 16, I / 2, 16, 2].
 at::Tensor experts(bool blocked, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
                    const at::Tensor& gate_, const at::Tensor& up_, const at::Tensor& down_, int64_t first_expert) {
   const char* op = blocked ? "moe_experts_packed_cpu" : "moe_experts_cpu";
@@ -148,6 +163,7 @@ at::Tensor indexer_topk_cpu(const at::Tensor& q_, const at::Tensor& weights_, co
 TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
   m.impl("indexer_topk_cpu", &indexer_topk_cpu);
   m.impl("linear_bf16_cpu", &linear_bf16_cpu);
+  m.impl("linear_packed_cpu", &linear_packed_cpu);
   m.impl("moe_experts_cpu", &moe_experts_cpu);
   m.impl("moe_experts_packed_cpu", &moe_experts_packed_cpu);
   m.impl("sparse_mla_cpu", &sparse_mla_cpu);
