@@ -183,6 +183,27 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(config.kv_lora_rank, h * (self.nope_dim + self.v_dim), ops, False, dtype, viewed=True)
         self.o_proj = Linear(h * self.v_dim, config.hidden_size, ops, fp8, dtype)
         self.indexer = Indexer(config, ops, fp8, dtype) if has_indexer else None
+        # the absorbed per-head weights in the layout ops.linear runs fastest (pack_absorbed, at load),
+        # else None: forward takes them as views of kv_b_proj's weight
+        self.register_parameter("w_uk_t", None)  # [H, kv_lora, nope], in that layout
+        self.register_parameter("w_uv", None)  # [H, v, kv_lora], in that layout
+
+    def absorbed(self) -> tuple[Tensor, Tensor]:
+        """(W_uk^T [H, kv_lora, nope], W_uv [H, v, kv_lora]): kv_b_proj split per head."""
+        if self.w_uk_t is not None:
+            return self.w_uk_t, self.w_uv
+        w_kv_b = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, L], [H, v, L]
+        return w_uk.transpose(1, 2), w_uv
+
+    def pack_absorbed(self, pack) -> None:
+        """Hold the absorbed weights as `pack` lays them out (Ops.pack_linear) where it changes them:
+        copies, so kv_b_proj's weight, as loaded, adds its size again (GLM-5: 0.2% of the weights)."""
+        w_uk_t, w_uv = (w.contiguous() for w in self.absorbed())
+        packed_uk_t, packed_uv = pack(w_uk_t), pack(w_uv)
+        if packed_uk_t is not w_uk_t and packed_uv is not w_uv:
+            self.w_uk_t = nn.Parameter(packed_uk_t, requires_grad=False)
+            self.w_uv = nn.Parameter(packed_uv, requires_grad=False)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, cache: KVCache, layer: int, topk: Tensor | None
@@ -202,9 +223,8 @@ class MLAttention(nn.Module):
             raise ValueError(f"layer {layer} shares its indexer but no earlier layer produced top-k indices")
 
         # absorb kv_b_proj: q_nope . (W_uk c) = (W_uk^T q_nope) . c, and out = W_uv (sum p c)
-        w_kv_b = self.kv_b_proj.weight.view(h, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv_b.split([self.nope_dim, self.v_dim], dim=1)  # [H, nope, L], [H, v, L]
-        q_latent_abs = self.ops.linear(q_nope, w_uk.transpose(1, 2))  # [T, H, kv_lora]
+        w_uk_t, w_uv = self.absorbed()
+        q_latent_abs = self.ops.linear(q_nope, w_uk_t)  # [T, H, kv_lora]
         q_abs = torch.cat([q_latent_abs, q_rope], dim=-1)  # [T, H, kv_lora + rope]
         out_latent = self.ops.sparse_mla(
             q_abs, cache.latent[layer], topk, batch.block_tables, batch.seq_ids, self.softmax_scale, self.kv_lora_rank

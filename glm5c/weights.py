@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import ModelConfig
-from .model import GLM5, Experts, Linear, Sharding
+from .model import GLM5, Experts, Linear, MLAttention, Sharding
 from .ops import REFERENCE, Ops
 from .ops.fp8 import dequantize_weight_blocks
 
@@ -154,7 +154,8 @@ def build_model(
 
 def _pack(model: GLM5, ops: Ops) -> None:
     """Unquantized weights in the layouts the model's ops run fastest (Ops.pack_experts, pack_linear),
-    but for those the model reads itself (Linear.viewed: kv_b_proj's per-head views)."""
+    but for those the model reads itself (Linear.viewed: kv_b_proj, whose per-head views MLA absorbs:
+    those are packed as copies, MLAttention.pack_absorbed)."""
     for module in model.modules():
         if isinstance(module, Experts) and module.gate_proj_scale_inv is None and ops.pack_experts is not None:
             packed = ops.pack_experts(module.gate_proj, module.up_proj, module.down_proj)
@@ -162,6 +163,8 @@ def _pack(model: GLM5, ops: Ops) -> None:
         elif isinstance(module, Linear) and module.weight_scale_inv is None and not module.viewed \
                 and ops.pack_linear is not None:  # fmt: skip
             module.weight = nn.Parameter(ops.pack_linear(module.weight), requires_grad=False)
+        elif isinstance(module, MLAttention) and ops.pack_linear is not None:
+            module.pack_absorbed(ops.pack_linear)
 
 
 def _materialize(model: GLM5, device: torch.device) -> None:

@@ -24,10 +24,14 @@ bf16 linears up to KERNEL_MAX_ROWS (the measured range); per-head weights at any
 absorbed projections at 256 rows: 44 vs 80 us, w_uk^T).
 
 Where the kernel has AVX512-BF16 the model's linear weights are blocked at load (pack_linear, as
-Ops.pack_linear; all but kv_b_proj, whose per-head views the model reads itself): [out / 16, in / 2,
-16, 2], each tile of 16 rows one contiguous stream, multiplied with x's pairs broadcast, every lane
-useful at any row count (bf16_kernels.cpp: packed_tile). Those take the packed kernel at every row
-count, the op `glm5c::linear_packed_cpu` (no gemv, no oneDNN: both read [out, in]).
+Ops.pack_linear): [out / 16, in / 2, 16, 2], each tile of 16 rows one contiguous stream, multiplied
+with x's pairs broadcast, every lane useful at any row count (bf16_kernels.cpp: packed_tile); MLA's
+absorbed per-head weights as blocked copies [H, out / 16, in / 2, 16, 2] (MLAttention.pack_absorbed;
+kv_b_proj, whose views they are, stays as loaded). Those take the packed kernel at every row count,
+the op `glm5c::linear_packed_cpu` (no gemv, no oneDNN: both read [out, in]). Measured on mini's
+weights from memory (2-core Zen 5, interleaved, 2026-11-30): 1.04-1.32x the kernel on [out, in]
+at 1-16 rows, even at 64-256; whole decode steps 0.95x the time at 16 requests (linears), then
+0.94x (the absorbed projections: 21 -> ~5 us a call at 16 tokens, from weighted_rows' x @ W).
 """
 
 from __future__ import annotations
@@ -92,29 +96,38 @@ cpu_kernels.define_op(
 
 
 def pack_linear(weight: Tensor) -> Tensor:
-    """A linear layer's weight [out, in] as linear_cpu runs it fastest (Ops.pack_linear, at load):
-    blocked [out / 16, in / 2, 16, 2] (cpu_kernels.block_weight) where the kernel has AVX512-BF16 and
-    the weight is BF16 with out a multiple of 16 and in even; else as it is."""
-    return cpu_kernels.block_weight(weight) if weight.dim() == 2 and cpu_kernels.blockable(weight) else weight
+    """A linear layer's weight [out, in] (or a per-head one [H, out, in]) as linear_cpu runs it
+    fastest (Ops.pack_linear, at load): blocked [(H,) out / 16, in / 2, 16, 2]
+    (cpu_kernels.block_weight) where the kernel has AVX512-BF16 and the weight is BF16 with out a
+    multiple of 16 and in even; else as it is."""
+    return cpu_kernels.block_weight(weight) if weight.dim() in (2, 3) and cpu_kernels.blockable(weight) else weight
+
+
+def _packed_out_shape(x: Tensor, weight: Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], weight.shape[-4] * cpu_kernels.BLOCK_ROWS)
 
 
 def linear_packed_bf16(x: Tensor, weight: Tensor) -> Tensor:
-    """The kernel over a blocked weight, eagerly: x [T, in] bf16 @ weight [out / 16, in / 2, 16, 2]
-    (pack_linear) -> [T, out] bf16, fp32 accumulation."""
-    if x.dim() != 2 or weight.dim() != 4 or tuple(weight.shape[2:]) != (cpu_kernels.BLOCK_ROWS, 2) \
-            or x.shape[1] != 2 * weight.shape[1] or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 \
+    """The kernel over a blocked weight (pack_linear), eagerly: x [T, in] @ weight [out / 16, in / 2,
+    16, 2] -> [T, out], or per head x [T, H, in] with weight [H, out / 16, in / 2, 16, 2] -> [T, H,
+    out]; bf16 in and out, fp32 accumulation."""
+    heads = weight.shape[0] if weight.dim() == 5 else 1
+    want_x = (x.shape[0], heads, 2 * weight.shape[-3]) if weight.dim() == 5 else (x.shape[0], 2 * weight.shape[-3])
+    if weight.dim() not in (4, 5) or tuple(weight.shape[-2:]) != (cpu_kernels.BLOCK_ROWS, 2) or x.dim() != len(want_x) \
+            or tuple(x.shape) != want_x or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 \
             or x.device.type != "cpu" or weight.device.type != "cpu":  # fmt: skip
         raise ValueError(f"linear_packed_cpu: x {x.dtype} {tuple(x.shape)} on {x.device} does not fit blocked weight "
                          f"{weight.dtype} {tuple(weight.shape)} on {weight.device}: expected bf16 on cpu, x [T, in] "
-                         "for weight [out / 16, in / 2, 16, 2]")  # fmt: skip
+                         "for weight [out / 16, in / 2, 16, 2] or x [T, H, in] for [H, out / 16, in / 2, 16, 2]")  # fmt: skip
     lib = cpu_kernels.load()
     if lib is None or not lib.glm5c_has_avx512bf16():
         raise RuntimeError("linear_packed_cpu: blocked weights need the kernel built with AVX512-BF16; "
                            "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
     x, weight = x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous()
-    out = x.new_empty(x.shape[0], weight.shape[0] * cpu_kernels.BLOCK_ROWS)
-    rc = lib.glm5c_linear_packed_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
-                                      out.shape[1], x.stride(0), torch.get_num_threads())  # fmt: skip
+    out = x.new_empty(_packed_out_shape(x, weight))
+    rc = lib.glm5c_linear_packed_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], heads, x.shape[-1],
+                                      out.shape[-1], x.stride(0), x.stride(1) if heads > 1 else 0,
+                                      torch.get_num_threads())  # fmt: skip
     cpu_kernels.check_status("linear_packed_cpu", rc)
     return out
 
@@ -122,20 +135,23 @@ def linear_packed_bf16(x: Tensor, weight: Tensor) -> Tensor:
 cpu_kernels.define_op(
     "linear_packed_cpu(Tensor x, Tensor weight) -> Tensor",
     lambda x, weight: linear_packed_bf16(x, weight),
-    lambda x, weight: x.new_empty(x.shape[0], weight.shape[0] * cpu_kernels.BLOCK_ROWS),
+    lambda x, weight: x.new_empty(_packed_out_shape(x, weight)),
 )
 
 
 def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
     """Ops.linear for a CPU's compiled graphs: gemv, the kernel or linear_ref by rows (above); a
     blocked weight (pack_linear) by the packed kernel at any rows. x [..., in] for weight [out, in]
-    or blocked [out / 16, in / 2, 16, 2]; [T, H, in] for a per-head weight [H, out, in]."""
+    or blocked [out / 16, in / 2, 16, 2]; [T, H, in] for a per-head weight [H, out, in] or blocked
+    [H, out / 16, in / 2, 16, 2]."""
     from . import linear_ref
 
     if weight.dim() == 4:  # blocked (pack_linear): the kernel at any rows
         rows = x.numel() // x.shape[-1]
         out = torch.ops.glm5c.linear_packed_cpu(x.reshape(rows, x.shape[-1]), weight)
         return out.view(*x.shape[:-1], out.shape[-1])
+    if weight.dim() == 5:  # blocked per-head weights: x [T, H, in]
+        return torch.ops.glm5c.linear_packed_cpu(x, weight)
     heads = weight.shape[0] if weight.dim() == 3 else 1
     rows = x.numel() // (heads * x.shape[-1])
     if scale_inv is None and x.dtype == weight.dtype == torch.bfloat16:

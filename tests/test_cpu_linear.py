@@ -173,8 +173,9 @@ def test_packed_weights_in_a_compiled_graph_at_every_row_count():
 
 
 def test_pack_linear_leaves_weights_it_cannot_block(monkeypatch):
-    for w in (_bf16(40, 64, seed=0), _bf16(48, 63, seed=0), torch.randn(48, 64), _bf16(4, 48, 64, seed=0)):
-        assert cpu_linear.pack_linear(w) is w  # 40 rows, odd K, fp32, per-head
+    for w in (_bf16(40, 64, seed=0), _bf16(48, 63, seed=0), torch.randn(48, 64), _bf16(2, 4, 48, 64, seed=0)):
+        assert cpu_linear.pack_linear(w) is w  # 40 rows, odd K, fp32, 4-d
+    assert cpu_linear.pack_linear(_bf16(4, 48, 64, seed=0)).shape == (4, 3, 32, 16, 2)  # per head
     monkeypatch.setattr(cpu_kernels, "has_avx512_bf16", lambda: False)
     w = _bf16(48, 64, seed=0)
     assert cpu_linear.pack_linear(w) is w
@@ -192,3 +193,20 @@ def test_packed_bad_input_is_named(portable_lib, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_lib", portable_lib)  # a kernel without AVX512-BF16 refuses blocked weights
     with pytest.raises(RuntimeError, match="need the kernel built with AVX512-BF16"):
         cpu_linear.linear_packed_bf16(_bf16(5, 64, seed=0), packed)
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 7, 16, 40])
+def test_packed_per_head_weights_match_torch(rows):
+    """MLA's absorbed projections, blocked per head: x [T, H, in] read in place from a split of q."""
+    kv_b = _bf16(3, 48, 32, seed=5)  # [H, nope + v, L]: W_uk = [:, :16], W_uv = [:, 16:]
+    w_uk_t, w_uv = kv_b[:, :16].transpose(1, 2).contiguous(), kv_b[:, 16:].contiguous()  # [3, 32, 16], [3, 32, 32]
+    q = _bf16(rows, 3, 24, seed=6)
+    q_nope = q[..., :16]  # a split: rows 72 apart, heads 24
+    got = cpu_linear.linear_packed_bf16(q_nope, cpu_linear.pack_linear(w_uk_t))
+    _close(got, ops.linear_ref(q_nope, w_uk_t))
+    assert torch.equal(got, torch.ops.glm5c.linear_packed_cpu(q_nope, cpu_linear.pack_linear(w_uk_t)))
+    latent = _bf16(rows, 3, 32, seed=7)
+    _close(cpu_linear.linear_cpu(latent, cpu_linear.pack_linear(w_uv)), ops.linear_ref(latent, w_uv))
+    with pytest.raises(ValueError, match=r"x \[T, H, in\] for \[H, out / 16, in / 2, 16, 2\]"):
+        cpu_linear.linear_packed_bf16(_bf16(rows, 2, 16, seed=0), cpu_linear.pack_linear(w_uk_t))

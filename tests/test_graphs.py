@@ -334,7 +334,8 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
             assert model.layers[1].mlp.experts.gate_proj.shape == (8, 2, 32, 16, 2)  # tiny: 8 x [32, 64]
             attn = model.layers[1].self_attn
             assert attn.q_a_proj.weight.shape == (2, 32, 16, 2) and model.lm_head.weight.dim() == 4
-            assert attn.kv_b_proj.weight.dim() == 2  # read as per-head views: as loaded
+            assert attn.kv_b_proj.weight.dim() == 2  # read as per-head views: as loaded, blocked as copies
+            assert attn.w_uk_t.shape == (4, 2, 8, 16, 2) and attn.w_uv.shape == (4, 1, 16, 16, 2)  # tiny: L 32, nope 16, v 16
         plain = build_model(tiny_dir, dtype=torch.bfloat16, ops=dataclasses.replace(ops_for("cpu", "bfloat16")[0], pack_experts=None))
         with pytest.raises(StaleArtifactsError, match=r"blocked or not\) differ .* Rebuild them: glm5c compile "):
             GraphRunner(out, plain, tiny_dir)
@@ -352,6 +353,24 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
         row_err = (a.float() - b.float()).abs().amax(1)
         assert (row_err > 0.05 * b.float().abs().max()).sum() <= max(1, len(row_err) // 10), row_err
         assert row_err.median() < 0.02 * b.float().abs().max()
+
+
+@pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="blocked weights need AVX512-BF16")
+def test_blocked_weights_compute_what_the_reference_computes(tiny_dir):
+    """A model whose weights were blocked at load (the CPU BF16 ops: experts, linears, MLA's absorbed
+    projections) gives the reference ops' BF16 step, eagerly, to bf16 rounding."""
+    blocked = build_model(tiny_dir, dtype=torch.bfloat16, ops=ops_for("cpu", "bfloat16")[0])
+    plain = build_model(tiny_dir, dtype=torch.bfloat16)
+    assert blocked.layers[1].self_attn.w_uk_t is not None and plain.layers[1].self_attn.w_uk_t is None
+    chunks = [SeqChunk(list(range(40 + s, 54 + s)), 0, list(range(4 * s, 4 * s + 4))) for s in range(3)]
+    outs = []
+    for model in (blocked, plain):
+        cache = KVCache(model.config, 16, 4, torch.bfloat16)
+        with torch.inference_mode():
+            outs.append(model(build_step_batch(chunks, 4, cache.pad_slot), cache).float())
+    row_err = (outs[0] - outs[1]).abs().amax(1)
+    scale = outs[1].abs().max()
+    assert row_err.median() < 0.02 * scale and (row_err > 0.05 * scale).sum() <= len(row_err) // 10, row_err
 
 
 def test_fp8_index_cache_graphs(tiny_dir, tmp_path):

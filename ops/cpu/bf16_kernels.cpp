@@ -986,6 +986,12 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
     const int64_t K2 = K / 2;
     std::vector<const uint16_t*> xs;
     std::vector<int32_t> xv;
+    if (const int64_t f = pairs.next_chosen(-1); f < n_experts) {  // the first chosen expert's tiles, while its x packs
+      const uint16_t* first[2];
+      tiles(f, b0, first);
+      for (int t = 0; t < count; ++t)
+        for (int64_t l = 0; l < K2 * 32; l += 32) _mm_prefetch((const char*)(first[t] + l), _MM_HINT_T0);
+    }
     for (int64_t e = 0; e < n_experts; ++e) {
       const int64_t p0 = pairs.starts[e], n = pairs.starts[e + 1] - p0, f = pairs.next_chosen(e);
       if (n == 0) continue;
@@ -1127,47 +1133,59 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
   return 0;
 }
 
-// out [T, N] bf16 = x @ W^T for W blocked [N / 16, K / 2, 16, 2] (ops/cpu_kernels.py:
-// block_weight; N a multiple of 16, K even), row t of x at x + t * x_stride (its elements
-// adjacent), fp32 accumulation. Threads split the blocks of 16 outputs (one contiguous stream each);
-// every thread packs x once, 16 rows at a time, and runs each of its tiles as packed_tile against
-// every group of 16 rows (the tile reread from cache), prefetching its next tile meanwhile. Returns
-// 0, 1 when an argument is out of range, 3 when built without AVX512-BF16.
-int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t in_features,
-                             int64_t out_features, int64_t x_stride, int threads) {
-  if (tokens < 0 || in_features <= 0 || out_features <= 0 || in_features % 2 || out_features % 16 || threads <= 0)
+// out [T, H, N] bf16 = per head h: x[:, h] @ W_h^T for W blocked [H, N / 16, K / 2, 16, 2]
+// (ops/cpu_kernels.py: block_weight; N a multiple of 16, K even; H = 1: a linear layer, H > 1: MLA's
+// absorbed per-head projections), x[t, h] at x + t * x_token_stride + h * x_head_stride (its elements
+// adjacent), fp32 accumulation. Threads split the H * N / 16 blocks of 16 outputs (one contiguous
+// stream each, its first tile prefetched while x packs); a thread packs its heads' rows of x, 16 at a
+// time, and runs each of its tiles as packed_tile against every group of 16 rows (the tile reread
+// from cache), prefetching its next tile meanwhile. Returns 0, 1 when an argument is out of range,
+// 3 when built without AVX512-BF16.
+int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t tokens, int64_t heads,
+                             int64_t in_features, int64_t out_features, int64_t x_token_stride, int64_t x_head_stride,
+                             int threads) {
+  if (tokens < 0 || heads <= 0 || in_features <= 0 || out_features <= 0 || in_features % 2 || out_features % 16 ||
+      threads <= 0)
     return 1;
 #if GLM5C_DPBF16
-  const int64_t K2 = in_features / 2, blocks = out_features / 16, groups = (tokens + 15) / 16, tile = K2 * 32;
+  const int64_t K2 = in_features / 2, per_head = out_features / 16, blocks = heads * per_head;
+  const int64_t groups = (tokens + 15) / 16, tile = K2 * 32;
   if (tokens == 0) return 0;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t n = omp_get_num_threads(), t = omp_get_thread_num(), per = (blocks + n - 1) / n;
-    const int64_t b0 = std::min(blocks, t * per), b1 = std::min(blocks, (t + 1) * per);
-    if (b0 < b1) {
+    const int64_t q0 = std::min(blocks, t * per), q1 = std::min(blocks, (t + 1) * per);
+    if (q0 < q1) {
+      for (int64_t l = 0; l < tile; l += 32) _mm_prefetch((const char*)(w + q0 * tile + l), _MM_HINT_T0);
       std::vector<int32_t> xv(groups * K2 * 16);
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint16_t* xs[16];
-        const int M = int(std::min<int64_t>(16, tokens - 16 * g));
-        for (int j = 0; j < M; ++j) xs[j] = x + (16 * g + j) * x_stride;
-        pack_pairs16(xs, M, in_features, xv.data() + g * K2 * 16);
-      }
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint16_t* wt = w + b * tile;
-        const uint16_t* next = b + 1 < b1 ? wt + tile : wt;
+      int64_t packed_head = -1;
+      for (int64_t q = q0; q < q1; ++q) {  // block q: head q / per_head, outputs 16 (q % per_head) ..
+        const int64_t h = q / per_head, b = q % per_head;
+        if (h != packed_head) {
+          for (int64_t g = 0; g < groups; ++g) {
+            const uint16_t* xs[16];
+            const int M = int(std::min<int64_t>(16, tokens - 16 * g));
+            for (int j = 0; j < M; ++j) xs[j] = x + (16 * g + j) * x_token_stride + h * x_head_stride;
+            pack_pairs16(xs, M, in_features, xv.data() + g * K2 * 16);
+          }
+          packed_head = h;
+        }
+        const uint16_t* wt = w + q * tile;
+        const uint16_t* next = q + 1 < q1 ? wt + tile : wt;
         for (int64_t g = 0; g < groups; ++g) {
           const int M = int(std::min<int64_t>(16, tokens - 16 * g));
           __m512 y[16];
           packed_tile_n(M, wt, K2, xv.data() + g * K2 * 16, g == 0 ? next : wt, y);
           for (int j = 0; j < M; ++j)
-            _mm256_storeu_si256((__m256i*)(out + (16 * g + j) * out_features + 16 * b), (__m256i)_mm512_cvtneps_pbh(y[j]));
+            _mm256_storeu_si256((__m256i*)(out + ((16 * g + j) * heads + h) * out_features + 16 * b),
+                                (__m256i)_mm512_cvtneps_pbh(y[j]));
         }
       }
     }
   }
   return 0;
 #else
-  (void)x, (void)w, (void)out, (void)x_stride;
+  (void)x, (void)w, (void)out, (void)x_token_stride, (void)x_head_stride;
   return 3;
 #endif
 }

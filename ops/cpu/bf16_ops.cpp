@@ -47,17 +47,24 @@ at::Tensor linear_bf16_cpu(const at::Tensor& x_, const at::Tensor& weight_) {
   return out;
 }
 
-// x [T, K] @ W^T for W blocked [N / 16, K / 2, 16, 2] (ops/cpu_kernels.py: block_weight) -> [T, N].
+// x [T, K] @ W^T for W blocked [N / 16, K / 2, 16, 2] -> [T, N], or per head x [T, H, K] with W
+// [H, N / 16, K / 2, 16, 2] -> [T, H, N] (ops/cpu_kernels.py: block_weight).
 at::Tensor linear_packed_cpu(const at::Tensor& x_, const at::Tensor& weight) {
   const char* op = "linear_packed_cpu";
-  check(op, "x", x_, at::kBFloat16, 2);
-  check(op, "weight", weight, at::kBFloat16, 4);
-  TORCH_CHECK(weight.size(2) == 16 && weight.size(3) == 2 && x_.size(1) == 2 * weight.size(1) && weight.is_contiguous(),
-              op, ": x ", x_.sizes(), " does not fit blocked weight ", weight.sizes(), " ([N / 16, K / 2, 16, 2], contiguous)");
+  const int64_t dims = weight.dim();
+  TORCH_CHECK(dims == 4 || dims == 5, op, ": weight ", weight.sizes(), " is neither [N / 16, K / 2, 16, 2] nor [H, N / 16, K / 2, 16, 2]");
+  check(op, "x", x_, at::kBFloat16, dims - 2);
+  check(op, "weight", weight, at::kBFloat16, dims);
+  const int64_t heads = dims == 5 ? weight.size(0) : 1;
+  TORCH_CHECK(weight.size(-2) == 16 && weight.size(-1) == 2 && x_.size(-1) == 2 * weight.size(-3) &&
+                  (dims == 4 || x_.size(1) == heads) && weight.is_contiguous(),
+              op, ": x ", x_.sizes(), " does not fit blocked weight ", weight.sizes(), " (contiguous)");
   const at::Tensor x = x_.stride(-1) == 1 || x_.size(-1) == 1 ? x_ : x_.contiguous();
-  at::Tensor out = at::empty({x.size(0), weight.size(0) * 16}, x.options());
-  int rc = glm5c_linear_packed_bf16(bf16_in(x), bf16_in(weight), bf16_out(out), x.size(0), x.size(1), out.size(1),
-                                    x.stride(0), at::get_num_threads());
+  const int64_t tokens = x.size(0), out_features = weight.size(-4) * 16;
+  at::Tensor out = dims == 5 ? at::empty({tokens, heads, out_features}, x.options())
+                             : at::empty({tokens, out_features}, x.options());
+  int rc = glm5c_linear_packed_bf16(bf16_in(x), bf16_in(weight), bf16_out(out), tokens, heads, x.size(-1), out_features,
+                                    x.stride(0), dims == 5 ? x.stride(1) : 0, at::get_num_threads());
   TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
   return out;
 }
