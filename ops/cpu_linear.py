@@ -31,7 +31,8 @@ kv_b_proj, whose views they are, stays as loaded). Those take the packed kernel 
 the op `glm5c::linear_packed_cpu` (no gemv, no oneDNN: both read [out, in]). Measured on mini's
 weights from memory (2-core Zen 5, interleaved, 2026-11-30): 1.04-1.32x the kernel on [out, in]
 at 1-16 rows, even at 64-256; whole decode steps 0.95x the time at 16 requests (linears), then
-0.94x (the absorbed projections: 21 -> ~5 us a call at 16 tokens, from weighted_rows' x @ W).
+0.94x (the absorbed projections at 16 tokens: 21 -> 6.8 us a call for W_uk^T, which ran as
+weighted_rows' x @ W, and 15 -> 5.5 us for W_uv).
 """
 
 from __future__ import annotations
