@@ -54,9 +54,12 @@ def _split_params(model) -> tuple[int, int, int]:
     """-> (bytes of routed-expert weights, bytes of everything else but the embedding, embedding bytes),
     main model only (the MTP layer is not part of a plain decode step)."""
     experts = other = 0
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         if name.startswith("mtp."):
             continue
+        if name.endswith("kv_b_proj.weight") and name.replace("kv_b_proj.weight", "w_uk_t") in params:
+            continue  # MLA's absorbed weights held as blocked copies (MLAttention.pack_absorbed): a step reads those
         if ".mlp.experts." in name:
             experts += p.nbytes
         else:

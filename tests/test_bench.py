@@ -12,9 +12,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from glm5c.bench.metrics import SLO, RequestTimeline, percentile, std, summarize
 from glm5c.bench.serve import arrival_gaps_s
+from glm5c.ops import cpu_kernels
 
 GLM5C = [sys.executable, "-m", "glm5c.cli"]
 
@@ -257,3 +259,17 @@ def test_bench_serve_overhead_bad_artifacts():
     run = subprocess.run([sys.executable, "bench/bench_serve_overhead.py", "--artifacts", "/nonexistent"],
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert run.returncode == 2 and "no manifest.json there" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="blocked weights need AVX512-BF16")
+def test_step_floor_counts_the_bytes_a_step_reads_in_any_layout(tiny_dir):
+    """Weights blocked at load read as many bytes; MLA's absorbed copies replace kv_b_proj in a step
+    (which then reads only the copies), so the floor is the unblocked model's."""
+    from glm5c.bench.roofline import step_floor_bytes
+    from glm5c.graphs.compile import ops_for
+    from glm5c.weights import build_model
+
+    plain = build_model(tiny_dir, dtype=torch.bfloat16)
+    blocked = build_model(tiny_dir, dtype=torch.bfloat16, ops=ops_for("cpu", "bfloat16")[0])
+    assert blocked.layers[0].self_attn.w_uk_t is not None
+    assert step_floor_bytes(blocked, 4, 100) == step_floor_bytes(plain, 4, 100)
