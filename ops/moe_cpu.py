@@ -90,10 +90,10 @@ cpu_kernels.define_op(
 # expert stacks as [E, N / 16, K / 2, 16, 2] (Ops.pack_experts, at load), so each tile of 16 rows
 # is one contiguous stream whose 64-byte loads are an element pair of all 16 rows, multiplied with
 # a broadcast pair of x: every lane useful at any token count (bf16_kernels.cpp: packed_tile).
-# Measured on mini's shapes (2-core Zen 5, bench/cpu_experts.py, 2026-11-30): 1.14-1.40x faster
-# than the kernel on [E, N, K] stacks from memory and 1.27-1.52x from L3, at 1 to 256 tokens; whole
-# decode steps 0.87x the time at 16 requests, 0.87x at 1 (where the graphs held Inductor's gathered
-# loops: blocked stacks take the kernel at every size).
+# Measured on mini's shapes (2-core Zen 5, bench/cpu_experts.py, two runs 2026-11-30): 1.06-1.51x
+# faster than the kernel on [E, N, K] stacks from memory and 1.27-1.60x from L3, at 1 to 256
+# tokens; whole decode steps 0.92x the time at 16 requests, 0.87x at 1 (where the graphs held
+# Inductor's gathered loops: blocked stacks take the kernel at every size).
 
 
 def pack_experts(gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -478,8 +478,8 @@ inline void quad_tile(const uint16_t* const* w, const uint16_t* const* next, int
 // (quad tiles fill 4 of 4 lanes only at multiples of 4 rows, an expert's 1-7 tokens in a decode
 // step), one instruction per product (quad tiles also need a 128-bit broadcast each) and no
 // reduction at the end. With few rows of x, P partial sums per row keep enough products in flight.
-// Mini's experts (bench/cpu_experts.py, figures in ops/moe_cpu.py): 1.27-1.52x faster from L3 than
-// on [E, N, K] stacks, 1.14-1.40x from memory, at 1 to 256 tokens.
+// Mini's experts (bench/cpu_experts.py, figures in ops/moe_cpu.py): 1.27-1.60x faster from L3 than
+// on [E, N, K] stacks, 1.06-1.51x from memory, at 1 to 256 tokens.
 
 // acc + w . (the bf16 pair at x, broadcast to 16 lanes), the broadcast folded into the instruction.
 __attribute__((always_inline)) inline __m512 dp_bcast(__m512 acc, __m512bh w, const int32_t* x) {
