@@ -135,7 +135,9 @@ def experts(
     first_expert: int,
     linear: Callable[[Tensor, Tensor, Tensor | None], Tensor],
 ) -> Tensor:
-    """Ops.experts for a CPU's BF16 graphs: the kernel as the opaque op `glm5c::moe_experts_cpu`
+    """Ops.experts for a CPU's BF16 graphs. Blocked stacks (pack_experts, where the kernel has
+    AVX512-BF16): the packed kernel as the opaque op `glm5c::moe_experts_packed_cpu` at every size.
+    Stacks as loaded: the kernel as the opaque op `glm5c::moe_experts_cpu`
     (the graph sees "[T, D] in, [T, D] out"), except at the ends. For so few tokens that at most a
     quarter of the experts can be chosen (mini: 1 token) `moe.experts_gathered`, which Inductor
     fuses into the graph's own loops, is a little faster (whole mini decode graphs,
