@@ -53,7 +53,8 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # opaque custom op instead, which only a CPU can hold. A CPU's BF16 graphs pick per bucket: the
 # experts (moe_cpu.experts: a C++ kernel reading each chosen expert once, as an opaque op, over expert
 # stacks blocked at load where it has AVX512-BF16 (Ops.pack_experts); on unblocked stacks Inductor's
-# gathered loops for 1 token), linears (cpu_linear.linear_cpu: a fused matrix-vector loop for 1 row,
+# gathered loops for 1 token), linears (cpu_linear.linear_cpu: weights blocked at load
+# (Ops.pack_linear) by a C++ kernel at any rows; unblocked, a fused matrix-vector loop for 1 row,
 # then a C++ kernel up to 512 rows, per-head ones at any), attention (dsa_cpu.sparse_mla: a C++ kernel) and the
 # indexer's top-k (dsa_cpu.indexer_topk: a C++ kernel for a BF16 index cache).
 # Fast kernels take their places here.

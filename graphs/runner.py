@@ -43,7 +43,7 @@ class GraphRunner:
         named = dict(step.named_parameters()) | dict(step.named_buffers())
         if constants_signature(step) != self.manifest.constants_signature:
             raise StaleArtifactsError(
-                f"the model's weights (names, shapes or dtypes; expert stacks blocked or not) differ from those "
+                f"the model's weights (names, shapes or dtypes; blocked for the CPU kernels or not) differ from those "
                 f"{self.dir} was compiled for. Rebuild them: "
                 + self.manifest.rebuild_command(self.dir, model_dir, str(device), self.manifest.dtype)
             )

@@ -50,7 +50,8 @@ class Ops:
     # the expert stacks (gate, up, down) in the layout `experts` runs fastest, applied once at load
     # (weights.build_model); None: as loaded, [E, out, in]
     pack_experts: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
-    # a linear layer's weight [out, in] in the layout `linear` runs fastest, at load; None: as loaded
+    # a linear layer's weight [out, in] (or MLA's absorbed per-head [H, out, in]) in the layout
+    # `linear` runs fastest, at load; None: as loaded
     pack_linear: Callable[[Tensor], Tensor] | None = None
 
 

@@ -337,7 +337,7 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
             assert attn.kv_b_proj.weight.dim() == 2  # read as per-head views: as loaded, blocked as copies
             assert attn.w_uk_t.shape == (4, 2, 8, 16, 2) and attn.w_uv.shape == (4, 1, 16, 16, 2)  # tiny: L 32, nope 16, v 16
         plain = build_model(tiny_dir, dtype=torch.bfloat16, ops=dataclasses.replace(ops_for("cpu", "bfloat16")[0], pack_experts=None))
-        with pytest.raises(StaleArtifactsError, match=r"blocked or not\) differ .* Rebuild them: glm5c compile "):
+        with pytest.raises(StaleArtifactsError, match=r"blocked for the CPU kernels or not\) differ .* Rebuild them: glm5c compile "):
             GraphRunner(out, plain, tiny_dir)
     # bucket 2 (gemv linears), and bucket 128 from six 14-token prompts: each within
     # index_topk, so no bf16 near-tie in the indexer's top-k can pick other keys in the two runs
