@@ -300,11 +300,12 @@ constexpr int kLanes = 32;  // rows of x a token-lanes tile takes
 constexpr int kQuadRows = 4;  // rows of x a quad tile takes (below kOctoMinRows)
 constexpr int kOctoMinRows = 9;  // octo tiles from here to 16 rows of x (at 8 two quads are faster)
 
-// xv[k2 * 32 + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for k2 in [0, ceil(K / 2)), zero for
-// m >= M and past K (16 pairs of 16 rows at a time: transposes of 32-bit pairs).
-inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv) {
+// xv[k2 * lanes + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for k2 in [0, ceil(K / 2)) and
+// m < lanes (16 or 32), zero for m >= M and past K (16 pairs of 16 rows at a time: transposes of
+// 32-bit pairs).
+inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv, int lanes = 32) {
   const int64_t K2 = (K + 1) / 2;
-  for (int half = 0; half < 2; ++half)
+  for (int half = 0; half < lanes / 16; ++half)
     for (int64_t k2 = 0; k2 < K2; k2 += 16) {
       const int64_t k = 2 * k2;
       const __mmask32 live = k + 32 <= K ? __mmask32(0xffffffffu) : __mmask32((1ull << (K - k)) - 1);
@@ -313,7 +314,7 @@ inline void pack_pairs(const uint16_t* const* xs, int M, int64_t K, float* xv) {
         v[m] = 16 * half + m < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(live, xs[16 * half + m] + k))
                                  : _mm512_setzero_ps();
       transpose16(v);
-      for (int j = 0; j < 16 && k2 + j < K2; ++j) _mm512_storeu_ps(xv + (k2 + j) * 32 + 16 * half, v[j]);
+      for (int j = 0; j < 16 && k2 + j < K2; ++j) _mm512_storeu_ps(xv + (k2 + j) * lanes + 16 * half, v[j]);
     }
 }
 
@@ -487,24 +488,9 @@ __attribute__((always_inline)) inline __m512 dp_bcast(__m512 acc, __m512bh w, co
   return acc;
 }
 
-// xv[k2 * 16 + m] = the bf16 pair x_m[2 k2], x_m[2 k2 + 1] for m < M (<= 16), zero for m >= M and
-// past K (pack_pairs' transposes, 16 rows).
-inline void pack_pairs16(const uint16_t* const* xs, int M, int64_t K, int32_t* xv) {
-  const int64_t K2 = (K + 1) / 2;
-  for (int64_t k2 = 0; k2 < K2; k2 += 16) {
-    const int64_t k = 2 * k2;
-    const __mmask32 live = k + 32 <= K ? __mmask32(0xffffffffu) : __mmask32((1ull << (K - k)) - 1);
-    __m512 v[16];
-    for (int m = 0; m < 16; ++m)
-      v[m] = m < M ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(live, xs[m] + k)) : _mm512_setzero_ps();
-    transpose16(v);
-    for (int j = 0; j < 16 && k2 + j < K2; ++j) _mm512_storeu_si512(xv + (k2 + j) * 16, _mm512_castps_si512(v[j]));
-  }
-}
-
 // y[j] lane i = dot(tile row i, x_j) for j < M: tile [K2][16][2] bf16, x pairs xv [K2][16] (as
-// pack_pairs16), P partial sums per row of x; next[0 : K2 * 32] (what the caller reads next) is
-// prefetched alongside, a cache line per pair.
+// pack_pairs with 16 lanes), P partial sums per row of x; next[0 : K2 * 32] (what the caller
+// reads next) is prefetched alongside, a cache line per pair.
 template <int M, int P>
 inline void packed_tile(const uint16_t* tile, int64_t K2, const int32_t* xv, const uint16_t* next, __m512* y) {
   static_assert(M * P <= 16, "16 accumulators");
@@ -1000,7 +986,8 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
       for (int64_t j = 0; j < n; ++j) xs[j] = x_row(p0 + j);
       xv.resize(groups * K2 * 16);
       for (int64_t g = 0; g < groups; ++g)
-        pack_pairs16(xs.data() + 16 * g, int(std::min<int64_t>(16, n - 16 * g)), K, xv.data() + g * K2 * 16);
+        pack_pairs(xs.data() + 16 * g, int(std::min<int64_t>(16, n - 16 * g)), K,
+                   reinterpret_cast<float*>(xv.data() + g * K2 * 16), 16);
       for (int64_t b = b0; b < b1; ++b) {
         const uint16_t *mine[2], *later[2];
         tiles(e, b, mine);
@@ -1166,7 +1153,7 @@ int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out
             const uint16_t* xs[16];
             const int M = int(std::min<int64_t>(16, tokens - 16 * g));
             for (int j = 0; j < M; ++j) xs[j] = x + (16 * g + j) * x_token_stride + h * x_head_stride;
-            pack_pairs16(xs, M, in_features, xv.data() + g * K2 * 16);
+            pack_pairs(xs, M, in_features, reinterpret_cast<float*>(xv.data() + g * K2 * 16), 16);
           }
           packed_head = h;
         }
