@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .mtp import CatchUp, Drafter, verify
 from .ops import REFERENCE, Ops
-from .sampling import SamplingBatch, SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, argmax_tokens, sample
 from .scheduler import Chunk, PromptTooLongError, Scheduler, Sequence
 from .weights import build_model
 
@@ -209,17 +209,22 @@ class Engine:
         each sequence validly computed this step with their hidden states (with an MTP drafter: it
         catches up on them; without one none are listed)."""
         # one batched sampling call for every sequence that samples a plain next token
-        first_rows = self._logit_rows(chunks)
-        plain = [(r, c.seq) for r, c in zip(first_rows, chunks) if c.needs_logits and not c.seq.draft]
-        rows, sampling = [r for r, _ in plain], [s for _, s in plain]
+        sampling = [c.seq for c in chunks if c.needs_logits and not c.seq.draft]
+        # a sampling chunk has one row of logits, a verifying one 1 + k: all rows sample unless some verifies
+        verifies = len(sampling) < logits.shape[0]
+        first_rows = self._logit_rows(chunks) if verifies else []
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, tuple[float, dict[int, float]]] = {}
         if sampling:
-            picked = logits if rows == list(range(logits.shape[0])) else logits[rows]  # [N, V]
-            if all(s.params.greedy and not s.params.penalized and s.params.logprobs is None for s in sampling):
+            if verifies:
+                rows = [r for r, c in zip(first_rows, chunks) if c.needs_logits and not c.seq.draft]
+                picked = logits[rows]  # [N, V]
+            else:
+                picked = logits
+            if all(s.params.argmax_only for s in sampling):
                 # plain greedy (sample's result for such rows): no sampling tensors to build, ~0.15 ms
                 # of a 16-request step on the 2-core dev machine
-                sampled = {s.id: [t] for s, t in zip(sampling, picked.argmax(-1).tolist())}
+                sampled = {s.id: [t] for s, t in zip(sampling, argmax_tokens(picked))}
             else:
                 penalized = any(s.params.penalized for s in sampling)  # (only penalties read the token lists)
                 batch = SamplingBatch.from_params(
@@ -232,7 +237,7 @@ class Engine:
                 logprobs = _logprobs_by_request(sampling, result)
         # one rejection-sampling call for every sequence verifying drafts
         verifying = [(r, c) for r, c in zip(first_rows, chunks) if c.needs_logits and c.seq.draft]
-        if verifying:
+        if verifying:  # (none unless verifies)
             k1 = verifying[0][1].num_tokens  # 1 + k, the same for every drafting sequence
             target = torch.stack([logits[r : r + k1] for r, _ in verifying])  # [N, 1 + k, V]
             for (_, c), tokens in zip(verifying, verify([c.seq for _, c in verifying], target)):
@@ -282,7 +287,7 @@ class Engine:
             seq.tokens.append(token)
             if (token in self.eos and not params.ignore_eos) or token in params.stop_token_ids:
                 self._finish(seq, "stop")
-            elif len(seq.output) >= params.max_tokens:
+            elif seq.num_output >= params.max_tokens:
                 self._finish(seq, "length")
             if seq.finish_reason is not None:
                 return tokens[: i + 1]

@@ -134,10 +134,11 @@ def verify(seqs: list[Sequence], target_logits: Tensor) -> list[list[int]]:
     sequence: the accepted drafts, then one token from the target (a correction or a bonus)."""
     n, slots, vocab = target_logits.shape
     expanded = [(seq, j) for seq in seqs for j in range(slots)]
+    penalized = any(s.params.penalized for s in seqs)  # (only penalties read the token lists)
     target_batch = SamplingBatch.from_params(
-        [s.params for s, _ in expanded], [s.output for s, _ in expanded],
-        [s.tokens[: s.prompt_len] for s, _ in expanded], [len(s.tokens) + j for s, j in expanded], vocab,
-        target_logits.device,
+        [s.params for s, _ in expanded], [s.output if penalized else [] for s, _ in expanded],
+        [s.tokens[: s.prompt_len] if penalized else [] for s, _ in expanded], [len(s.tokens) + j for s, j in expanded],
+        vocab, target_logits.device,
     )  # fmt: skip
     p = sampling_probs(target_logits.reshape(n * slots, vocab), target_batch).view(n, slots, vocab)
     q = torch.stack([s.draft_probs for s in seqs])  # [N, k, V]
@@ -149,7 +150,9 @@ def verify(seqs: list[Sequence], target_logits: Tensor) -> list[list[int]]:
 
 def _sampling_batch(seqs: list[Sequence], offset: int, vocab: int, device: torch.device) -> SamplingBatch:
     """Sampling rows for the token at len(tokens) + offset of each sequence."""
+    penalized = any(s.params.penalized for s in seqs)  # (only penalties read the token lists)
     return SamplingBatch.from_params(
-        [s.params for s in seqs], [s.output for s in seqs], [s.tokens[: s.prompt_len] for s in seqs],
-        [len(s.tokens) + offset for s in seqs], vocab, device,
+        [s.params for s in seqs], [s.output if penalized else [] for s in seqs],
+        [s.tokens[: s.prompt_len] if penalized else [] for s in seqs], [len(s.tokens) + offset for s in seqs], vocab,
+        device,
     )  # fmt: skip

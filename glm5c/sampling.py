@@ -9,6 +9,7 @@ which the engine keys its graphs by.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -73,6 +74,12 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @functools.cached_property
+    def argmax_only(self) -> bool:
+        """Greedy with no penalties and no logprobs: the next token is the logits' argmax, nothing
+        else to compute. (Cached: the engine asks for every request at every step.)"""
+        return self.greedy and not self.penalized and self.logprobs is None
 
 
 def _is_int(x: object) -> bool:
@@ -161,6 +168,15 @@ class SamplingBatch:
             want_logprobs=any(p.logprobs is not None for p in params),
             num_top_logprobs=min(max((p.logprobs or 0 for p in params), default=0), vocab_size),
         )
+
+
+def argmax_tokens(logits: Tensor) -> list[int]:
+    """Each row's argmax as ints (the first on ties, NaN counting as the largest, as torch.argmax).
+    On a CPU by numpy: torch's argmax cost ~15 us for 16 x 1408 logits, numpy's 2 (2-core dev
+    machine; ~35 vs ~5 us in a step, its caches cold after the graph)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
 
 
 def _int64(seed: int) -> int:

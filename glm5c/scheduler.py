@@ -48,6 +48,11 @@ class Sequence:
         return self.tokens[self.prompt_len :]
 
     @property
+    def num_output(self) -> int:
+        """len(output), without copying it."""
+        return len(self.tokens) - self.prompt_len
+
+    @property
     def pending(self) -> int:
         """Tokens the next step would compute: the rest of the prompt, or the fresh token plus drafts."""
         return len(self.tokens) - self.num_computed + len(self.draft)

@@ -140,19 +140,24 @@ cpu_kernels.define_op(
 )
 
 
+_linear_packed = torch.ops.glm5c.linear_packed_cpu.default
+
+
 def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Tensor:
     """Ops.linear for a CPU's compiled graphs: gemv, the kernel or linear_ref by rows (above); a
     blocked weight (pack_linear) by the packed kernel at any rows. x [..., in] for weight [out, in]
     or blocked [out / 16, in / 2, 16, 2]; [T, H, in] for a per-head weight [H, out, in] or blocked
     [H, out / 16, in / 2, 16, 2]."""
-    from . import linear_ref
-
     if weight.dim() == 4:  # blocked (pack_linear): the kernel at any rows
+        if x.dim() == 2:  # (the LM head's call, eager after every step: as little Python as can be)
+            return _linear_packed(x, weight)
         rows = x.numel() // x.shape[-1]
-        out = torch.ops.glm5c.linear_packed_cpu(x.reshape(rows, x.shape[-1]), weight)
+        out = _linear_packed(x.reshape(rows, x.shape[-1]), weight)
         return out.view(*x.shape[:-1], out.shape[-1])
     if weight.dim() == 5:  # blocked per-head weights: x [T, H, in]
-        return torch.ops.glm5c.linear_packed_cpu(x, weight)
+        return _linear_packed(x, weight)
+    from . import linear_ref
+
     heads = weight.shape[0] if weight.dim() == 3 else 1
     rows = x.numel() // (heads * x.shape[-1])
     if scale_inv is None and x.dtype == weight.dtype == torch.bfloat16:

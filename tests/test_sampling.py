@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from glm5c.noise import uniform
 from glm5c.rejection import rejection_sample
-from glm5c.sampling import SamplingBatch, SamplingParams, sample, sampling_probs
+from glm5c.sampling import SamplingBatch, SamplingParams, argmax_tokens, sample, sampling_probs
 
 from .chi_square import chi2_sf, chi_square_p
 
@@ -43,6 +43,32 @@ def test_greedy_is_argmax():
     tokens = sample(logits, _batch(params, 1000)).token_ids
     assert torch.equal(tokens[1::2], logits[1::2].argmax(-1))
     assert not torch.equal(tokens[0::2], logits[0::2].argmax(-1))
+
+
+def test_argmax_tokens_is_torch_argmax():
+    """The engine's greedy path (numpy on a CPU): first index on ties, NaN the largest, as torch."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 300, generator=g)
+    logits[1, [7, 200]] = 50.0  # a tie
+    logits[2, 5] = float("nan")
+    logits[3, [9, 11]] = float("inf")
+    logits[4] = 0.0  # all equal
+    with torch.inference_mode():
+        inference = logits.clone()
+    assert argmax_tokens(logits) == argmax_tokens(inference) == logits.argmax(-1).tolist() == [
+        logits[0].argmax().item(), 7, 5, 9, 0, logits[5].argmax().item()]
+    assert argmax_tokens(logits[:0]) == []
+    bf16 = logits.bfloat16()  # (not numpy's: torch's argmax)
+    assert argmax_tokens(bf16) == bf16.argmax(-1).tolist()
+
+
+def test_argmax_only():
+    assert SamplingParams(temperature=0.0).argmax_only
+    assert not SamplingParams(temperature=0.5).argmax_only
+    assert not SamplingParams(temperature=0.0, repetition_penalty=1.2).argmax_only
+    assert not SamplingParams(temperature=0.0, logprobs=0).argmax_only
+    p = SamplingParams(temperature=0.0)
+    assert p.argmax_only and p == SamplingParams(temperature=0.0) and hash(p) == hash(SamplingParams(temperature=0.0))
 
 
 @pytest.mark.parametrize("filters", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
