@@ -116,17 +116,19 @@ class StaticInputs:
             )
         for name in ("token_ids", "positions", "seq_ids", "slot_mapping"):
             getattr(self, name)[:n].copy_(getattr(batch, name))
-        self.token_ids[n:] = 0
-        self.positions[n:] = 0
-        self.seq_ids[n:] = rows  # the first unused row: all scratch blocks
-        self.slot_mapping[n:] = pad_slot
+        if n < self.tokens:  # (a step that fills its bucket, as decodes often do, pads nothing)
+            self.token_ids[n:] = 0
+            self.positions[n:] = 0
+            self.seq_ids[n:] = rows  # the first unused row: all scratch blocks
+            self.slot_mapping[n:] = pad_slot
         self.block_tables.fill_(pad_slot // block_size)
         self.block_tables[:rows, :width].copy_(batch.block_tables)
         self.seq_lens.fill_(1)
         self.seq_lens[:rows].copy_(batch.seq_lens)
         if self.hidden is not None:
             self.hidden[:n].copy_(hidden)
-            self.hidden[n:] = 0
+            if n < self.tokens:
+                self.hidden[n:] = 0
 
     def clear(self, pad_slot: int, block_size: int) -> None:
         """Inputs of no real token: every token pads (writes only the scratch slot, reads only scratch blocks)."""
