@@ -129,6 +129,8 @@ def test_bench_engine_runs_compiled_and_mtp(tiny_dir, tiny_artifacts, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["rows"][0]["compiled"]["tok_s"] > 0 and report["rows"][0]["eager"]["vs_transformers"] > 0
+    probes = report["read_bandwidth_probes_GBps"]  # either side of the row's runs; its floor on the faster
+    assert len(probes) == 2 and report["rows"][0]["read_bandwidth_GBps"] == pytest.approx(max(probes), abs=0.06)
     for name in ("eager", "compiled"):
         m = report["mtp"][name]
         assert m["k"] == 2 and m["mean_accept_length"] >= 1 and m["draft_ms"] > 0 and m["break_even_accept_length"] > 0
