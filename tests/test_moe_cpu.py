@@ -180,6 +180,40 @@ def test_packed_kernel_matches_reference(tokens):
     assert torch.equal(got, torch.ops.glm5c.moe_experts_packed_cpu(*_packed(case), 0))  # the native op: the same kernel
 
 
+def _packed_at_threads(packed, threads: int) -> torch.Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return moe_cpu.experts_packed_bf16(*packed, 0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_bf16
+@pytest.mark.parametrize("tokens", [1, 2, 4, 16])
+def test_packed_threads_take_whole_experts_at_decode_sizes(tokens):
+    """At most 16 rows per chosen expert: two threads take whole experts (one thread splits blocks),
+    to the bit the same result (each token's experts summed in expert order either way), so a
+    token's output does not depend on which thread ran its experts, i.e. on the rest of the batch."""
+    case = _case(tokens)
+    packed = _packed(case)
+    two = _packed_at_threads(packed, 2)
+    assert torch.equal(two, _packed_at_threads(packed, 1))
+    _close_to_ref(two, *case)
+    x, ids, weights, *_ = case
+    alone = _packed_at_threads((x[-1:], ids[-1:], weights[-1:], *packed[3:]), 2)
+    assert torch.equal(alone, two[-1:])
+
+
+@needs_bf16
+def test_packed_threads_split_blocks_past_16_rows_an_expert():
+    """An expert with 17 rows: threads split every expert's blocks, as one thread's result exactly."""
+    x, ids, weights, *w = _case(17)
+    ids[:, 0] = 2
+    packed = _packed((x, ids, weights, *w))
+    assert torch.equal(_packed_at_threads(packed, 2), _packed_at_threads(packed, 1))
+
+
 @needs_bf16
 def test_packed_skewed_repeated_empty_experts_and_shards():
     x, ids, weights, *w = _case(37)

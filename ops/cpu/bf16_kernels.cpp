@@ -941,13 +941,122 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
 #endif
 }
 
+namespace {
+
+#if GLM5C_DPBF16
+// Whether threads take whole experts (experts_by_expert): every chosen expert has at most 16 rows
+// of x (one packed group: its weights' reads, not its products, bound it) and there are at least
+// as many chosen experts as threads.
+inline bool experts_whole(const ExpertPairs& pairs, int threads) {
+  if (threads < 2) return false;
+  int64_t chosen = 0;
+  for (size_t e = 0; e + 1 < pairs.starts.size(); ++e) {
+    const int64_t n = pairs.starts[e + 1] - pairs.starts[e];
+    if (n > 16) return false;
+    chosen += n > 0;
+  }
+  return chosen >= threads;
+}
+
+// glm5c_moe_experts_packed_bf16 when experts_whole: threads split the chosen experts (contiguous
+// runs of them, balanced by 8 + rows each) and run each whole, gate and up, then down, in one
+// parallel region, so each thread's weights are a few long streams (consecutive experts are
+// adjacent in the stacks; MBs where the block split reads 128 KB runs) and its activations stay
+// its own, each tile prefetching the next one in that order. Each pair's weighted output row is
+// kept; then each token's rows are summed in expert order from zero: the block split's additions
+// in its order, so the result is the same to the bit, whichever thread ran which expert (a
+// token's result never depends on the rest of the batch). Mini's experts from memory against the
+// block split, 2 threads: 1.09x as fast at 1 token, 1.01x at 4 and 16 in this VM's usual phase;
+// at 16 tokens 1.01-1.19x (median ~1.09x) while its two threads sat on different CCDs (a first
+// form); whole decode steps 1.5-2.5% shorter at 1, 4 and 16 requests, the same tokens
+// (results/2026-11-30-cpu-session7.md).
+inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const uint16_t* gate, const uint16_t* up,
+                              const uint16_t* down, uint16_t* out, int64_t tokens, int64_t hidden, int64_t inter,
+                              int threads) {
+  const int64_t n_experts = int64_t(pairs.starts.size()) - 1, n_pairs = int64_t(pairs.token.size());
+  std::vector<int64_t> chosen;
+  for (int64_t e = 0; e < n_experts; ++e)
+    if (pairs.starts[e + 1] > pairs.starts[e]) chosen.push_back(e);
+  std::vector<int64_t> first(tokens + 1, 0), by_token(n_pairs);  // each token's pairs, in expert order
+  for (int64_t p = 0; p < n_pairs; ++p) ++first[pairs.token[p] + 1];
+  for (int64_t t = 0; t < tokens; ++t) first[t + 1] += first[t];
+  {
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t p = 0; p < n_pairs; ++p) by_token[fill[pairs.token[p]]++] = p;
+  }
+  const int64_t tile_gu = hidden * 16, tile_d = inter * 16, gu_blocks = inter / 16, d_blocks = hidden / 16;
+  std::vector<float> rows(n_pairs * hidden);  // [pairs, D]: bf16(down rows . act), each written whole
+#pragma omp parallel num_threads(threads)
+  {
+    const int n = omp_get_num_threads(), t = omp_get_thread_num();
+    // this thread's run [c0, c1) of `chosen`: the cost (8 + rows) before it is t / n of the total
+    int64_t total = 0;
+    for (int64_t e : chosen) total += 8 + pairs.starts[e + 1] - pairs.starts[e];
+    int64_t c0 = 0, c1 = 0, seen = 0;
+    for (size_t c = 0; c < chosen.size(); ++c) {
+      if (seen * n < total * t) c0 = c + 1;
+      if (seen * n < total * (t + 1)) c1 = c + 1;
+      seen += 8 + pairs.starts[chosen[c] + 1] - pairs.starts[chosen[c]];
+    }
+    std::vector<int32_t> xv(hidden / 2 * 16), av(inter / 2 * 16);
+    std::vector<uint16_t> act(16 * inter);
+    const uint16_t* xs[16];
+    if (c0 < c1)  // the first gate tile, while x packs
+      for (int64_t l = 0; l < tile_gu; l += 32) _mm_prefetch((const char*)(gate + chosen[c0] * gu_blocks * tile_gu + l), _MM_HINT_T0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t e = chosen[c], p0 = pairs.starts[e], M = pairs.starts[e + 1] - p0;
+      const uint16_t* g_e = gate + e * gu_blocks * tile_gu;
+      const uint16_t* u_e = up + e * gu_blocks * tile_gu;
+      const uint16_t* d_e = down + e * d_blocks * tile_d;
+      const uint16_t* g_next = c + 1 < c1 ? gate + chosen[c + 1] * gu_blocks * tile_gu : d_e;
+      for (int64_t j = 0; j < M; ++j) xs[j] = x + pairs.token[p0 + j] * hidden;
+      pack_pairs(xs, int(M), hidden, reinterpret_cast<float*>(xv.data()), 16);
+      __m512 yg[16], yu[16];
+      for (int64_t b = 0; b < gu_blocks; ++b) {  // act = bf16(bf16(silu(bf16(g))) * bf16(u))
+        packed_tile_n(int(M), g_e + b * tile_gu, hidden / 2, xv.data(), u_e + b * tile_gu, yg);
+        packed_tile_n(int(M), u_e + b * tile_gu, hidden / 2, xv.data(), b + 1 < gu_blocks ? g_e + (b + 1) * tile_gu : d_e, yu);
+        for (int64_t j = 0; j < M; ++j) {
+          const __m512 sg = round_bf16_16(silu16(round_bf16_16(yg[j])));
+          _mm256_storeu_si256((__m256i*)(act.data() + j * inter + 16 * b),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, round_bf16_16(yu[j]))));
+        }
+      }
+      for (int64_t j = 0; j < M; ++j) xs[j] = act.data() + j * inter;
+      pack_pairs(xs, int(M), inter, reinterpret_cast<float*>(av.data()), 16);
+      __m512 y[16];
+      for (int64_t b = 0; b < d_blocks; ++b) {
+        packed_tile_n(int(M), d_e + b * tile_d, inter / 2, av.data(), b + 1 < d_blocks ? d_e + (b + 1) * tile_d : g_next, y);
+        for (int64_t j = 0; j < M; ++j) _mm512_storeu_ps(rows.data() + (p0 + j) * hidden + 16 * b, round_bf16_16(y[j]));
+      }
+    }
+#pragma omp barrier
+    // out[token] = bf16(its pairs' rows added in expert order, from zero); tokens split between the threads
+    std::vector<float> acc(hidden);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < tokens; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t q = first[r]; q < first[r + 1]; ++q) {  // (the block split's expression: a compiler that
+        const float* row = rows.data() + by_token[q] * hidden;  // fuses its multiply-add fuses this one)
+        const __m512 w = _mm512_set1_ps(pairs.weight[by_token[q]]);
+        for (int64_t d = 0; d < hidden; d += 16)
+          _mm512_storeu_ps(acc.data() + d, _mm512_add_ps(_mm512_loadu_ps(acc.data() + d), _mm512_mul_ps(w, _mm512_loadu_ps(row + d))));
+      }
+      to_bf16(acc.data(), hidden, out + r * hidden);
+    }
+  }
+}
+#endif
+}  // namespace
+
 // glm5c_moe_experts_bf16 over blocked weights (ops/cpu_kernels.py: block_weight): gate, up
 // [E, I / 16, D / 2, 16, 2], down [E, D / 16, I / 2, 16, 2] bf16 (I and D multiples of 16), the
-// same result with the same roundings. Threads split each expert's blocks of 16 rows (each thread's
-// share one contiguous stream per matrix) and take every chosen expert in turn, its rows of x
-// packed once (16 at a time) and its tiles run as packed_tile, each prefetching the tile read
-// next. Returns 0, 1 when an argument is out of range, 3 when built without AVX512-BF16 (callers
-// pack only where glm5c_has_avx512bf16()).
+// same result with the same roundings. With at most 16 rows per chosen expert (decode steps) and as
+// many chosen experts as threads, threads take whole experts (experts_by_expert, the same result to
+// the bit). Otherwise threads split each expert's blocks of 16 rows (each thread's share one contiguous
+// stream per matrix; 128 KB runs at mini's shapes on two threads, 16 KB on sixteen) and take every
+// chosen expert in turn, its rows of x packed once (16 at a time) and its tiles run as
+// packed_tile, each prefetching the tile read next. Returns 0, 1 when an argument is out of range,
+// 3 when built without AVX512-BF16 (callers pack only where glm5c_has_avx512bf16()).
 int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, const float* expert_weights,
                                   const uint16_t* gate, const uint16_t* up, const uint16_t* down, uint16_t* out,
                                   int64_t tokens, int64_t top_k, int64_t hidden, int64_t inter, int64_t n_experts,
@@ -957,6 +1066,10 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
     return 1;
 #if GLM5C_DPBF16
   const ExpertPairs pairs(expert_ids, expert_weights, tokens, top_k, n_experts, first_expert);
+  if (experts_whole(pairs, threads)) {
+    experts_by_expert(pairs, x, gate, up, down, out, tokens, hidden, inter, threads);
+    return 0;
+  }
   std::vector<uint16_t> act(pairs.token.size() * inter);  // [pairs, I] bf16, pairs grouped by expert
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
   // One pass over the chosen experts, this thread's blocks [b0, b1) of `blocks` per expert, K the
