@@ -151,6 +151,61 @@ def test_cancel_and_client_disconnect_free_kv_blocks(server):
         wait_idle(client)
 
 
+def test_a_client_given_a_leavers_fd_is_not_taken_for_gone():
+    """The tokenizer maps each client connection's fd to its identity to learn who left. A client
+    connecting as another leaves gets the same fd; the leaver's disconnect event, queued first,
+    must abort only the leaver's requests, even when the newcomer's first message is read in the
+    same poll (once, the newcomer's stream was cancelled before its first token)."""
+    from glm5c.serve.messages import Abort, Limits, Submit, request_key, worker_decoder
+    from glm5c.serve.tokenizer_proc import Front
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    address = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    ends = {name: context.socket(kind) for name, kind in
+            (("replies", zmq.PULL), ("control", zmq.PULL), ("to_worker", zmq.PUSH), ("events", zmq.PUSH))}  # fmt: skip
+    worker = context.socket(zmq.PULL)
+    worker.bind("inproc://worker")
+    ends["to_worker"].connect("inproc://worker")
+    front = Front(None, router, ends["replies"], ends["control"], ends["to_worker"], ends["events"], epoch=1)
+    front.state, front.limits = "ready", Limits(max_model_len=4096, vocab_size=100)
+    poller = front.poller()
+    request = p.encode(p.GenerateRequest("r", prompt_token_ids=[1, 2, 3], sampling=p.WireSampling(max_tokens=8)))
+
+    def client(identity: bytes) -> zmq.Socket:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.connect(address)
+        sock.send(request)
+        return sock
+
+    def to_worker() -> list:
+        messages = []
+        while worker.poll(200):
+            messages.append(worker_decoder.decode(worker.recv()))
+        return messages
+
+    try:
+        leaver = client(b"leaver")
+        front.poll_once(poller, 2000)
+        assert [type(m) for m in to_worker()] == [Submit]
+        fd = next(fd for fd, identity in front.identity_of_fd.items() if identity == b"leaver")
+        leaver.close(linger=0)
+        time.sleep(0.2)  # the disconnect is seen and queued as an event, not yet read
+        newcomer = client(b"newcomer")
+        time.sleep(0.2)  # its request waits too: one poll reads both
+        front.poll_once(poller, 2000)
+        messages = to_worker()
+        aborted = [m.key for m in messages if isinstance(m, Abort)]
+        assert aborted == [request_key(b"leaver", "r")]
+        assert [m.key for m in messages if isinstance(m, Submit)] == [request_key(b"newcomer", "r")]
+        assert front.identity_of_fd.get(fd) == b"newcomer"  # (the fd was reused: the case at stake)
+        newcomer.close(linger=0)
+    finally:
+        context.destroy(linger=0)
+
+
 def test_explicit_cancel_ends_with_a_cancelled_final(server):
     sock = raw_socket(server.address)
     sock.send(p.encode(p.GenerateRequest("c1", prompt="x", sampling=p.WireSampling(max_tokens=3000, ignore_eos=True))))

@@ -111,35 +111,48 @@ class Front:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self, should_exit) -> None:
-        poller = zmq.Poller()
-        for sock in (self.replies, self.control, self.router, self.monitor):
-            poller.register(sock, zmq.POLLIN)
+        poller = self.poller()
         last_check = time.monotonic()
         while True:
-            ready = dict(poller.poll(1000))
-            if self.replies in ready:  # finishing work first
-                for _ in range(1024):
-                    try:
-                        self.on_reply(self.replies.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-            if self.control in ready:
-                self.on_control(control_decoder.decode(self.control.recv()))
-            if self.router in ready:
-                for _ in range(256):
-                    try:
-                        self.on_client(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
-            if self.monitor in ready:
-                event = parse_monitor_message(self.monitor.recv_multipart())
-                identity = self.identity_of_fd.pop(event["value"], None)
-                if identity is not None:
-                    self.client_gone(identity)
+            self.poll_once(poller, 1000)
             if time.monotonic() - last_check > 1.0:
                 if should_exit():
                     return
                 last_check = time.monotonic()
+
+    def poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in (self.replies, self.control, self.router, self.monitor):
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def poll_once(self, poller: zmq.Poller, timeout_ms: int) -> None:
+        ready = dict(poller.poll(timeout_ms))
+        if self.replies in ready:  # finishing work first
+            for _ in range(1024):
+                try:
+                    self.on_reply(self.replies.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self.control in ready:
+            self.on_control(control_decoder.decode(self.control.recv()))
+        # disconnects before clients' messages: a client that connects as another leaves may be
+        # given the same fd, and the leaver's event, queued first, must not take the newcomer's
+        # identity (which its first message maps to that fd) for the leaver's
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            identity = self.identity_of_fd.pop(event["value"], None)
+            if identity is not None:
+                self.client_gone(identity)
+        if self.router in ready:
+            for _ in range(256):
+                try:
+                    self.on_client(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
 
     # ---- from clients -------------------------------------------------------------------------
     def on_client(self, frames: list[zmq.Frame]) -> None:
