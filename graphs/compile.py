@@ -176,9 +176,9 @@ def compile_artifacts(
         # Inductor's own loops split across threads only when each gets 16k elements (its default:
         # 512), so a decode step's norms and elementwise ops (16 x 512 at mini's batch 16) fork no
         # threads: a fork and join cost as much as such a loop, more when the VM puts the threads
-        # on different CCDs. Mini's decode steps, both builds in one process, interleaved (2-core dev
-        # machine, 2026-11-30): 1.04 -> 0.97 ms at 1 request, 1.78 -> 1.77 at 4, 2.68 -> 2.66 and
-        # 2.80 -> 2.76 at 16; prefill unchanged.
+        # on different CCDs. Mini's decode steps, both builds in one process, interleaved
+        # (bench/ab_artifacts.py, 10 rounds, 2-core dev machine, 2026-11-30): 0.966x the time at 16
+        # requests, 0.978x at 4, 0.997x and 0.948x at 1 (two runs); prefill unchanged.
         inductor_configs["cpp.min_chunk_size"] = 16384
 
     def package(program, name: str) -> float:

@@ -138,6 +138,22 @@ def test_bench_engine_runs_compiled_and_mtp(tiny_dir, tiny_artifacts, tmp_path):
     assert "MTP k=2, compiled" in run.stdout
 
 
+def test_ab_artifacts_interleaves_two_directories(tiny_dir, tiny_artifacts, tmp_path):
+    """bench/ab_artifacts.py: engines over two artifact directories in one process, rounds
+    alternating; each gets its median decode step and its ratio to the first."""
+    out = tmp_path / "ab.json"
+    run = subprocess.run([sys.executable, "-m", "glm5c.bench.ab_artifacts", str(tiny_artifacts), str(tiny_artifacts),
+                          "--model", str(tiny_dir), "--batch", "2", "--rounds", "2", "--new-tokens", "4",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["vs_first"] == 1.0 and runs[1]["decode_step_ms"] > 0
+    assert all(len(r["round_steps_ms"]) == 2 for r in runs)
+    bad = subprocess.run([sys.executable, "-m", "glm5c.bench.ab_artifacts", str(tiny_artifacts)], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and "two or more" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize("argv,message", [(["--input-len", "0"], "--input-len must be >= 1"),
                                           (["--batch", "4", "0"], "--batch sizes must be >= 1")])  # fmt: skip
 def test_bench_compile_bad_flags(argv, message):
