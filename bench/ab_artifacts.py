@@ -43,7 +43,10 @@ def main() -> None:
     warm_allocator()
     model_dir = args.model or str(default_model_dir())
     config = EngineConfig(max_seqs=max(256, args.batch), prefix_caching=False)  # every round repeats its prompts
-    llms = [LLM(model_dir, artifacts=a, engine_config=config) for a in args.artifacts]
+    try:
+        llms = [LLM(model_dir, artifacts=a, engine_config=config) for a in args.artifacts]
+    except (ValueError, OSError) as e:  # a directory that is not artifacts (for this model), a bad checkpoint
+        parser.exit(2, f"ab_artifacts.py: error: {e}\n")
     vocab = llms[0].config.vocab_size
     prompts = torch.randint(min(100, vocab - 1), vocab, (args.batch, 32), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)

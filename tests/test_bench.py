@@ -152,6 +152,10 @@ def test_ab_artifacts_interleaves_two_directories(tiny_dir, tiny_artifacts, tmp_
     bad = subprocess.run([sys.executable, "-m", "glm5c.bench.ab_artifacts", str(tiny_artifacts)], capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and "two or more" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "glm5c.bench.ab_artifacts", str(tiny_artifacts), str(tmp_path),
+                              "--model", str(tiny_dir)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert missing.returncode == 2 and "not a glm5c artifact directory" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 @pytest.mark.parametrize("argv,message", [(["--input-len", "0"], "--input-len must be >= 1"),
