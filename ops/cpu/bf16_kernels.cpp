@@ -610,6 +610,19 @@ inline __m512 silu16(__m512 v) {
   return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), v))));
 }
 
+// An expert's activation in 16 lanes, as bf16: bf16(bf16(silu(bf16(g))) * bf16(u)).
+inline __m256i expert_act16(__m512 g, __m512 u) {
+  const __m512 sg = round_bf16_16(silu16(round_bf16_16(g)));
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, round_bf16_16(u)));
+}
+
+// acc + w * r: one expert's weighted output added to a token's sum. Both splits of the packed
+// experts kernel add through this one expression, so they round alike (a compiler may fuse it into
+// an FMA, and then does so in both).
+inline __m512 add_weighted(__m512 acc, float w, __m512 r) {
+  return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(w), r));
+}
+
 // out_j[v] (bf16) = sum_k p_j[k] e_k[v] for HN rows j and v in [v_begin, v_end): p_j[0:n] bf16,
 // e_k = rows[k]. 32 of v at a time, 2 * HN accumulators in registers (HN is a template argument so
 // they stay there); vdpbf16ps pairs e_2u and e_2u+1, whose values unpacklo/hi interleave: lane i of
@@ -962,10 +975,10 @@ inline bool experts_whole(const ExpertPairs& pairs, int threads) {
 // runs of them, balanced by 8 + rows each) and run each whole, gate and up, then down, in one
 // parallel region, so each thread's weights are a few long streams (consecutive experts are
 // adjacent in the stacks; MBs where the block split reads 128 KB runs) and its activations stay
-// its own, each tile prefetching the next one in that order. Each pair's weighted output row is
-// kept; then each token's rows are summed in expert order from zero: the block split's additions
-// in its order, so the result is the same to the bit, whichever thread ran which expert (a
-// token's result never depends on the rest of the batch). Mini's experts from memory against the
+// its own, each tile prefetching the next one in that order. Each pair's output row is kept; then
+// each token's rows are weighted and summed in expert order from zero: the block split's additions
+// (add_weighted) in its order, so the result is the same to the bit, whichever thread ran which
+// expert (a token's result never depends on the rest of the batch). Mini's experts from memory against the
 // block split, 2 threads: 1.09x as fast at 1 token, 1.01x at 4 and 16 in this VM's usual phase;
 // at 16 tokens 1.01-1.19x (median ~1.09x) while its two threads sat on different CCDs (a first
 // form); whole decode steps 1.5-2.5% shorter at 1, 4 and 16 requests, the same tokens
@@ -1015,11 +1028,8 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
       for (int64_t b = 0; b < gu_blocks; ++b) {  // act = bf16(bf16(silu(bf16(g))) * bf16(u))
         packed_tile_n(int(M), g_e + b * tile_gu, hidden / 2, xv.data(), u_e + b * tile_gu, yg);
         packed_tile_n(int(M), u_e + b * tile_gu, hidden / 2, xv.data(), b + 1 < gu_blocks ? g_e + (b + 1) * tile_gu : d_e, yu);
-        for (int64_t j = 0; j < M; ++j) {
-          const __m512 sg = round_bf16_16(silu16(round_bf16_16(yg[j])));
-          _mm256_storeu_si256((__m256i*)(act.data() + j * inter + 16 * b),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, round_bf16_16(yu[j]))));
-        }
+        for (int64_t j = 0; j < M; ++j)
+          _mm256_storeu_si256((__m256i*)(act.data() + j * inter + 16 * b), expert_act16(yg[j], yu[j]));
       }
       for (int64_t j = 0; j < M; ++j) xs[j] = act.data() + j * inter;
       pack_pairs(xs, int(M), inter, reinterpret_cast<float*>(av.data()), 16);
@@ -1035,11 +1045,11 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < tokens; ++r) {
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t q = first[r]; q < first[r + 1]; ++q) {  // (the block split's expression: a compiler that
-        const float* row = rows.data() + by_token[q] * hidden;  // fuses its multiply-add fuses this one)
-        const __m512 w = _mm512_set1_ps(pairs.weight[by_token[q]]);
+      for (int64_t q = first[r]; q < first[r + 1]; ++q) {
+        const float* row = rows.data() + by_token[q] * hidden;
+        const float w = pairs.weight[by_token[q]];
         for (int64_t d = 0; d < hidden; d += 16)
-          _mm512_storeu_ps(acc.data() + d, _mm512_add_ps(_mm512_loadu_ps(acc.data() + d), _mm512_mul_ps(w, _mm512_loadu_ps(row + d))));
+          _mm512_storeu_ps(acc.data() + d, add_weighted(_mm512_loadu_ps(acc.data() + d), w, _mm512_loadu_ps(row + d)));
       }
       to_bf16(acc.data(), hidden, out + r * hidden);
     }
@@ -1129,10 +1139,8 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
          t[0] = gate + (e * (inter / 16) + b) * tile_gu;
          t[1] = up + (e * (inter / 16) + b) * tile_gu;
        },
-       [&](int64_t p, int64_t b, __m512 g, __m512 u) {  // act = bf16(bf16(silu(bf16(g))) * bf16(u))
-         const __m512 sg = round_bf16_16(silu16(round_bf16_16(g)));
-         _mm256_storeu_si256((__m256i*)(act.data() + p * inter + 16 * b),
-                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, round_bf16_16(u))));
+       [&](int64_t p, int64_t b, __m512 g, __m512 u) {
+         _mm256_storeu_si256((__m256i*)(act.data() + p * inter + 16 * b), expert_act16(g, u));
        });
   // Pass 2: block b's 16 down rows -> the fp32 sums acc[t, 16 b : 16 b + 16], in expert order.
 #pragma omp parallel num_threads(threads)
@@ -1140,7 +1148,7 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
        [&](int64_t e, int64_t b, const uint16_t** t) { t[0] = t[1] = down + (e * (hidden / 16) + b) * tile_d; },
        [&](int64_t p, int64_t b, __m512 y, __m512) {
          float* a = acc.data() + pairs.token[p] * hidden + 16 * b;
-         _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), _mm512_mul_ps(_mm512_set1_ps(pairs.weight[p]), round_bf16_16(y))));
+         _mm512_storeu_ps(a, add_weighted(_mm512_loadu_ps(a), pairs.weight[p], round_bf16_16(y)));
        });
   to_bf16(acc.data(), tokens * hidden, out);
   return 0;
