@@ -35,7 +35,7 @@ from .cutlass.build import cache_dir
 SOURCES = {"kernels": Path(__file__).resolve().parent / "cpu" / "bf16_kernels.cpp",
            "ops": Path(__file__).resolve().parent / "cpu" / "bf16_ops.cpp"}  # fmt: skip
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -156,6 +156,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     fn = lib.glm5c_indexer_topk_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8 + [ctypes.c_int]
+    fn = lib.glm5c_route_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
     return lib
 
 

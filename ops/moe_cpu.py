@@ -157,3 +157,50 @@ def experts(
         return moe.experts_gathered(*args)
     return torch.ops.glm5c.moe_experts_cpu(x, expert_ids, expert_weights.float(), gate_proj, up_proj, down_proj,
                                            first_expert)  # fmt: skip
+
+
+def route_bf16(x: Tensor, gate_weight: Tensor, correction_bias: Tensor, top_k: int, n_group: int, topk_group: int,
+               norm_topk_prob: bool, scaling_factor: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The router kernel, eagerly: x [T, D] bf16, gate_weight [E, D] fp32, correction_bias [E] fp32
+    -> (weights [T, top_k] fp32, expert ids [T, top_k] int64), as moe.route_ref."""
+    cpu_kernels.check_tensors("route_cpu", x=(x, torch.bfloat16, 2), gate_weight=(gate_weight, torch.float32, 2),
+                              correction_bias=(correction_bias, torch.float32, 1))  # fmt: skip
+    (tokens, hidden), n_experts = x.shape, gate_weight.shape[0]
+    if gate_weight.shape[1] != hidden or correction_bias.shape[0] != n_experts:
+        raise ValueError(f"route_cpu: shapes do not fit: x {tuple(x.shape)}, gate_weight {tuple(gate_weight.shape)}, "
+                         f"correction_bias {tuple(correction_bias.shape)}")  # fmt: skip
+    lib = cpu_kernels.load()
+    if lib is None:
+        return moe.route_ref(x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
+                             scaling_factor)  # fmt: skip
+    x, gate, bias = x.contiguous(), gate_weight.contiguous(), correction_bias.contiguous()
+    weights = torch.empty(tokens, top_k)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    rc = lib.glm5c_route_bf16(x.data_ptr(), gate.data_ptr(), bias.data_ptr(), weights.data_ptr(), ids.data_ptr(),
+                              tokens, hidden, n_experts, top_k, n_group, topk_group, int(norm_topk_prob),
+                              scaling_factor, torch.get_num_threads())  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"route_cpu: top_k {top_k}, n_group {n_group}, topk_group {topk_group} do not fit "
+                         f"{n_experts} experts")  # fmt: skip
+    return weights, ids
+
+
+cpu_kernels.define_op(
+    "route_cpu(Tensor x, Tensor gate_weight, Tensor correction_bias, int top_k, int n_group, int topk_group, "
+    "bool norm_topk_prob, float scaling_factor) -> (Tensor, Tensor)",
+    lambda *args: route_bf16(*args),
+    lambda x, gate_weight, correction_bias, top_k, *_: (x.new_empty(x.shape[0], top_k, dtype=torch.float32),
+                                                         x.new_empty(x.shape[0], top_k, dtype=torch.int64)),
+)
+
+
+def route(x: Tensor, gate_weight: Tensor, correction_bias: Tensor, top_k: int, n_group: int, topk_group: int,
+          norm_topk_prob: bool, scaling_factor: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Ops.route for a CPU's BF16 graphs: the router kernel as the opaque op `glm5c::route_cpu`
+    for BF16 activations and an fp32 gate (else moe.route_ref). In a graph the reference is a GEMM
+    (a BLAS call), three top-k (ATen calls) and Inductor's loops between them, ~20 us a layer of a
+    16-token mini step; the op is one call."""
+    if x.dtype == torch.bfloat16 and x.dim() == 2 and gate_weight.dtype == correction_bias.dtype == torch.float32:
+        return torch.ops.glm5c.route_cpu(x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob,
+                                         scaling_factor)  # fmt: skip
+    return moe.route_ref(x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, scaling_factor)

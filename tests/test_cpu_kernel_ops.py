@@ -74,6 +74,18 @@ def test_indexer_topk_op_is_the_kernel():
         torch.ops.glm5c.indexer_topk_cpu(q, weights, cache, tables, seq_ids, positions.int(), 8)
 
 
+def test_route_op_is_the_kernel():
+    g = torch.Generator().manual_seed(3)
+    x, gate, bias = _bf16(9, 40, seed=12), torch.randn(16, 40, generator=g), torch.randn(16, generator=g)
+    got = torch.ops.glm5c.route_cpu(x, gate, bias, 4, 4, 2, True, 2.5)
+    want = moe_cpu.route_bf16(x, gate, bias, 4, 4, 2, True, 2.5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match="route_cpu: gate_weight is BFloat16"):
+        torch.ops.glm5c.route_cpu(x, gate.bfloat16(), bias, 4, 4, 2, True, 2.5)
+    with pytest.raises(RuntimeError, match="route_cpu: top_k 4, n_group 5, topk_group 2 do not fit 16 experts"):
+        torch.ops.glm5c.route_cpu(x, gate, bias, 4, 5, 2, True, 2.5)
+
+
 def test_random_shapes_match_the_references():
     """120 random shapes through the ops a compiled graph calls, against torch: widths past and
     short of every tile and chunk size, views (strided heads, transposed weights), empty slots,

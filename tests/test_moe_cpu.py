@@ -266,3 +266,95 @@ def test_packed_bad_input_is_named(portable_lib, monkeypatch):
         moe_cpu.experts_packed_bf16(x, ids, weights, gate, up, down, 0)
     assert portable_lib.glm5c_moe_experts_packed_bf16(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), gate.data_ptr(),
                                                       up.data_ptr(), down.data_ptr(), x.data_ptr(), 3, 4, 96, 48, 16, 0, 1) == 3
+
+
+# ---- the router kernel ---------------------------------------------------------------------
+
+def _route_case(tokens: int, n_experts: int = 16, hidden: int = 72, seed: int = 0):
+    """hidden not a multiple of 16, so the dot products' tails run too."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    return x, torch.randn(n_experts, hidden, generator=g) * 0.2, torch.randn(n_experts, generator=g) * 0.3
+
+
+ROUTINGS = [  # (n_experts, top_k, n_group, topk_group, norm_topk_prob)
+    (16, 4, 4, 2, True),  # mini's
+    (16, 4, 1, 1, False),
+    (32, 8, 8, 3, True),
+    (6, 3, 1, 1, True),  # the tiny test configs'
+]
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 16, 70])  # threads split the tokens from 64
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_route_kernel_matches_reference(tokens, routing):
+    n_experts, top_k, n_group, topk_group, norm = routing
+    x, gate, bias = _route_case(tokens, n_experts)
+    want_w, want_ids = moe.route_ref(x, gate, bias, top_k, n_group, topk_group, norm, 2.5)
+    got_w, got_ids = moe_cpu.route_bf16(x, gate, bias, top_k, n_group, topk_group, norm, 2.5)
+    assert got_ids.dtype == torch.int64 and got_w.dtype == torch.float32 and got_ids.shape == (tokens, top_k)
+    assert torch.equal(got_ids, want_ids)  # the same experts, best first
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_route_portable_path_matches_reference(portable_lib, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_lib", portable_lib)
+    x, gate, bias = _route_case(20, 32, seed=4)
+    want_w, want_ids = moe.route_ref(x, gate, bias, 8, 8, 3, True, 1.5)
+    got_w, got_ids = moe_cpu.route_bf16(x, gate, bias, 8, 8, 3, True, 1.5)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def test_route_of_a_token_does_not_depend_on_its_batch():
+    x, gate, bias = _route_case(70, seed=5)
+    together = moe_cpu.route_bf16(x, gate, bias, 4, 4, 2, True, 2.5)
+    for t in (0, 31, 69):
+        alone = moe_cpu.route_bf16(x[t : t + 1], gate, bias, 4, 4, 2, True, 2.5)
+        assert torch.equal(alone[0], together[0][t : t + 1]) and torch.equal(alone[1], together[1][t : t + 1])
+
+
+def test_route_ties_go_to_the_lower_group_and_expert():
+    """All scores equal (x = 0): groups 0 and 1 stay eligible, and experts 0..3 are chosen, weighted equally."""
+    x, gate, bias = torch.zeros(3, 32, dtype=torch.bfloat16), torch.randn(16, 32), torch.zeros(16)
+    weights, ids = moe_cpu.route_bf16(x, gate, bias, 4, 4, 2, True, 2.0)
+    assert ids.tolist() == [[0, 1, 2, 3]] * 3
+    torch.testing.assert_close(weights, torch.full((3, 4), 0.5))
+    bias[13] = 1.0  # a biased expert in group 3 lifts that group and is chosen first, weighted by its unbiased score
+    weights, ids = moe_cpu.route_bf16(x, gate, bias, 4, 4, 2, False, 1.0)
+    assert ids.tolist() == [[13, 0, 1, 2]] * 3 and torch.equal(weights, torch.full((3, 4), 0.5))
+
+
+def test_route_in_a_compiled_graph_is_the_op():
+    x, gate, bias = _route_case(16)
+
+    def route(x):
+        weights, ids = moe_cpu.route(x, gate, bias, 4, 4, 2, True, 2.5)
+        return weights * 2, ids
+
+    eager = route(x)
+    compiled = torch.compile(route, fullgraph=True, dynamic=False)(x)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+    # other dtypes take the reference
+    w, ids = moe_cpu.route(x.float(), gate, bias, 4, 4, 2, True, 2.5)
+    assert torch.equal(ids, moe.route_ref(x.float(), gate, bias, 4, 4, 2, True, 2.5)[1])
+
+
+def test_route_bad_input_is_named():
+    x, gate, bias = _route_case(3)
+    with pytest.raises(ValueError, match="route_cpu: x is torch.float32"):
+        moe_cpu.route_bf16(x.float(), gate, bias, 4, 4, 2, True, 2.5)
+    with pytest.raises(ValueError, match="route_cpu: shapes do not fit"):
+        moe_cpu.route_bf16(x, gate[:, :70], bias, 4, 4, 2, True, 2.5)
+    with pytest.raises(ValueError, match="top_k 9, n_group 4, topk_group 2 do not fit 16 experts"):
+        moe_cpu.route_bf16(x, gate, bias, 9, 4, 2, True, 2.5)  # 2 groups of 4 hold 8
+    with pytest.raises(ValueError, match="do not fit 16 experts"):
+        moe_cpu.route_bf16(x, gate, bias, 4, 3, 2, True, 2.5)  # 16 experts do not split into 3 groups
+
+
+def test_route_without_a_compiler_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    x, gate, bias = _route_case(5)
+    got = moe_cpu.route_bf16(x, gate, bias, 4, 4, 2, True, 2.5)
+    want = moe.route_ref(x, gate, bias, 4, 4, 2, True, 2.5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -32,6 +32,9 @@
 //
 // glm5c_indexer_topk_bf16 (ops/dsa_cpu.py; reference ops/dsa.py: indexer_topk_ref): the indexer's
 // scores over the paged key cache and their top-k, per token.
+//
+// glm5c_route_bf16 (ops/moe_cpu.py; reference ops/moe.py: route_ref): the MoE router, per token:
+// fp32 scores against the gate, the group and expert choice, the chosen experts' weights.
 
 #include <omp.h>
 #include <stdint.h>
@@ -68,6 +71,18 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
 }
 
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+// Scratch arrays kept by each thread between calls (grown when a call needs more, never zeroed or
+// freed): the kernels run several times a layer every step, where fresh std::vectors cost an
+// allocation, a zeroing pass and a free each (the free of one over 64 KB makes malloc consolidate
+// its bins). One Use per array a thread holds at once; contents are undefined on return.
+enum class Use { x_pairs, act_pairs, act, acc, pair_rows, scores, probs, q_pairs };
+template <class T, Use use>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
 
 constexpr int kMaxRows = 8;  // rows of x multiplied with one weight row at a time
 
@@ -726,6 +741,7 @@ inline void sparse_mla_token(const uint16_t* q, const uint16_t* const* rows, int
       const __m256bh p = _mm512_cvtneps_pbh(_mm512_div_ps(_mm512_maskz_loadu_ps(live, s + k), total));
       _mm256_mask_storeu_epi16(pb + h * n2 + k, live, (__m256i)p);
     }
+    if (n2 > n) pb[h * n2 + n] = 0;
   }
   // values: out[h] = sum_k p[h, k] e_k[:V]
   for (int64_t h = 0; h < heads; ++h) hin[h] = pb + h * n2, hout[h] = out + h * v_dim;
@@ -836,7 +852,7 @@ inline void to_bf16(const float* acc, int64_t n, uint16_t* out) {
 
 extern "C" {
 
-int glm5c_abi_version() { return 3; }
+int glm5c_abi_version() { return 4; }
 
 int glm5c_has_avx512bf16() { return GLM5C_DPBF16; }
 
@@ -998,7 +1014,7 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
     for (int64_t p = 0; p < n_pairs; ++p) by_token[fill[pairs.token[p]]++] = p;
   }
   const int64_t tile_gu = hidden * 16, tile_d = inter * 16, gu_blocks = inter / 16, d_blocks = hidden / 16;
-  std::vector<float> rows(n_pairs * hidden);  // [pairs, D]: bf16(down rows . act), each written whole
+  float* rows = scratch<float, Use::pair_rows>(n_pairs * hidden);  // [pairs, D]: bf16(down rows . act), each written whole
 #pragma omp parallel num_threads(threads)
   {
     const int n = omp_get_num_threads(), t = omp_get_thread_num();
@@ -1011,8 +1027,9 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
       if (seen * n < total * (t + 1)) c1 = c + 1;
       seen += 8 + pairs.starts[chosen[c] + 1] - pairs.starts[chosen[c]];
     }
-    std::vector<int32_t> xv(hidden / 2 * 16), av(inter / 2 * 16);
-    std::vector<uint16_t> act(16 * inter);
+    int32_t* xv = scratch<int32_t, Use::x_pairs>(hidden / 2 * 16);
+    int32_t* av = scratch<int32_t, Use::act_pairs>(inter / 2 * 16);
+    uint16_t* act = scratch<uint16_t, Use::act>(16 * inter);
     const uint16_t* xs[16];
     if (c0 < c1)  // the first gate tile, while x packs
       for (int64_t l = 0; l < tile_gu; l += 32) _mm_prefetch((const char*)(gate + chosen[c0] * gu_blocks * tile_gu + l), _MM_HINT_T0);
@@ -1023,35 +1040,35 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
       const uint16_t* d_e = down + e * d_blocks * tile_d;
       const uint16_t* g_next = c + 1 < c1 ? gate + chosen[c + 1] * gu_blocks * tile_gu : d_e;
       for (int64_t j = 0; j < M; ++j) xs[j] = x + pairs.token[p0 + j] * hidden;
-      pack_pairs(xs, int(M), hidden, reinterpret_cast<float*>(xv.data()), 16);
+      pack_pairs(xs, int(M), hidden, reinterpret_cast<float*>(xv), 16);
       __m512 yg[16], yu[16];
       for (int64_t b = 0; b < gu_blocks; ++b) {  // act = bf16(bf16(silu(bf16(g))) * bf16(u))
-        packed_tile_n(int(M), g_e + b * tile_gu, hidden / 2, xv.data(), u_e + b * tile_gu, yg);
-        packed_tile_n(int(M), u_e + b * tile_gu, hidden / 2, xv.data(), b + 1 < gu_blocks ? g_e + (b + 1) * tile_gu : d_e, yu);
+        packed_tile_n(int(M), g_e + b * tile_gu, hidden / 2, xv, u_e + b * tile_gu, yg);
+        packed_tile_n(int(M), u_e + b * tile_gu, hidden / 2, xv, b + 1 < gu_blocks ? g_e + (b + 1) * tile_gu : d_e, yu);
         for (int64_t j = 0; j < M; ++j)
-          _mm256_storeu_si256((__m256i*)(act.data() + j * inter + 16 * b), expert_act16(yg[j], yu[j]));
+          _mm256_storeu_si256((__m256i*)(act + j * inter + 16 * b), expert_act16(yg[j], yu[j]));
       }
-      for (int64_t j = 0; j < M; ++j) xs[j] = act.data() + j * inter;
-      pack_pairs(xs, int(M), inter, reinterpret_cast<float*>(av.data()), 16);
+      for (int64_t j = 0; j < M; ++j) xs[j] = act + j * inter;
+      pack_pairs(xs, int(M), inter, reinterpret_cast<float*>(av), 16);
       __m512 y[16];
       for (int64_t b = 0; b < d_blocks; ++b) {
-        packed_tile_n(int(M), d_e + b * tile_d, inter / 2, av.data(), b + 1 < d_blocks ? d_e + (b + 1) * tile_d : g_next, y);
-        for (int64_t j = 0; j < M; ++j) _mm512_storeu_ps(rows.data() + (p0 + j) * hidden + 16 * b, round_bf16_16(y[j]));
+        packed_tile_n(int(M), d_e + b * tile_d, inter / 2, av, b + 1 < d_blocks ? d_e + (b + 1) * tile_d : g_next, y);
+        for (int64_t j = 0; j < M; ++j) _mm512_storeu_ps(rows + (p0 + j) * hidden + 16 * b, round_bf16_16(y[j]));
       }
     }
 #pragma omp barrier
     // out[token] = bf16(its pairs' rows added in expert order, from zero); tokens split between the threads
-    std::vector<float> acc(hidden);
+    float* acc = scratch<float, Use::acc>(hidden);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < tokens; ++r) {
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc, acc + hidden, 0.f);
       for (int64_t q = first[r]; q < first[r + 1]; ++q) {
-        const float* row = rows.data() + by_token[q] * hidden;
+        const float* row = rows + by_token[q] * hidden;
         const float w = pairs.weight[by_token[q]];
         for (int64_t d = 0; d < hidden; d += 16)
-          _mm512_storeu_ps(acc.data() + d, add_weighted(_mm512_loadu_ps(acc.data() + d), w, _mm512_loadu_ps(row + d)));
+          _mm512_storeu_ps(acc + d, add_weighted(_mm512_loadu_ps(acc + d), w, _mm512_loadu_ps(row + d)));
       }
-      to_bf16(acc.data(), hidden, out + r * hidden);
+      to_bf16(acc, hidden, out + r * hidden);
     }
   }
 }
@@ -1265,7 +1282,7 @@ int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out
     const int64_t q0 = std::min(blocks, t * per), q1 = std::min(blocks, (t + 1) * per);
     if (q0 < q1) {
       for (int64_t l = 0; l < tile; l += 32) _mm_prefetch((const char*)(w + q0 * tile + l), _MM_HINT_T0);
-      std::vector<int32_t> xv(groups * K2 * 16);
+      int32_t* xv = scratch<int32_t, Use::x_pairs>(groups * K2 * 16);
       int64_t packed_head = -1;
       for (int64_t q = q0; q < q1; ++q) {  // block q: head q / per_head, outputs 16 (q % per_head) ..
         const int64_t h = q / per_head, b = q % per_head;
@@ -1274,7 +1291,7 @@ int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out
             const uint16_t* xs[16];
             const int M = int(std::min<int64_t>(16, tokens - 16 * g));
             for (int j = 0; j < M; ++j) xs[j] = x + (16 * g + j) * x_token_stride + h * x_head_stride;
-            pack_pairs(xs, M, in_features, reinterpret_cast<float*>(xv.data() + g * K2 * 16), 16);
+            pack_pairs(xs, M, in_features, reinterpret_cast<float*>(xv + g * K2 * 16), 16);
           }
           packed_head = h;
         }
@@ -1283,7 +1300,7 @@ int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out
         for (int64_t g = 0; g < groups; ++g) {
           const int M = int(std::min<int64_t>(16, tokens - 16 * g));
           __m512 y[16];
-          packed_tile_n(M, wt, K2, xv.data() + g * K2 * 16, g == 0 ? next : wt, y);
+          packed_tile_n(M, wt, K2, xv + g * K2 * 16, g == 0 ? next : wt, y);
           for (int j = 0; j < M; ++j)
             _mm256_storeu_si256((__m256i*)(out + ((16 * g + j) * heads + h) * out_features + 16 * b),
                                 (__m256i)_mm512_cvtneps_pbh(y[j]));
@@ -1315,8 +1332,9 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
 #pragma omp parallel num_threads(threads) reduction(| : bad)
   {
     const int64_t topk2 = (topk + 1) / 2 * 2;
-    std::vector<float> scores(heads * topk2);
-    std::vector<uint16_t> probs(heads * topk2), xp(heads * packed_len(dk));
+    float* scores = scratch<float, Use::scores>(heads * topk2);
+    uint16_t* probs = scratch<uint16_t, Use::probs>(heads * topk2);
+    uint16_t* xp = scratch<uint16_t, Use::q_pairs>(heads * packed_len(dk));
     std::vector<const uint16_t*> rows(topk), hin(heads);
     std::vector<uint16_t*> hout(heads);
 #pragma omp for schedule(static)
@@ -1335,8 +1353,8 @@ int glm5c_sparse_mla_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* 
           rows[n++] = kv + slot * dk;
         }
       if (n == 0) std::fill(o, o + heads * v_dim, uint16_t(0));
-      else sparse_mla_token(q + t * heads * dk, rows.data(), n, heads, dk, v_dim, softmax_scale, scores.data(),
-                            probs.data(), xp.data(), hin.data(), hout.data(), o);
+      else sparse_mla_token(q + t * heads * dk, rows.data(), n, heads, dk, v_dim, softmax_scale, scores, probs, xp,
+                            hin.data(), hout.data(), o);
     }
   }
 #else
@@ -1446,6 +1464,106 @@ int glm5c_indexer_topk_bf16(const float* q, const float* weights, const uint16_t
     }
   }
   return bad ? 2 : 0;
+}
+
+// The MoE router ("noaux_tc"), per token: x [T, D] bf16, gate [E, D] fp32, bias [E] fp32 ->
+// weights [T, K] fp32, ids [T, K] int64, as route_ref: score_e = sigmoid(x . gate_e) (fp32), the
+// choice score_e + bias_e; with n_group > 1 only the topk_group groups (of E / n_group experts)
+// whose two best choices sum highest are eligible; ids the K best eligible choices, best first
+// (ties to the lower id); weights their scores, divided by their sum (+1e-20) when `norm`, times
+// `scale`. One call replaces a graph's GEMM, three top-k and their glue (~20 us a layer at 16
+// tokens on mini). Threads split the tokens from 64. Returns 1 when an argument is out of range.
+int glm5c_route_bf16(const uint16_t* x, const float* gate, const float* bias, float* weights, int64_t* ids,
+                     int64_t tokens, int64_t hidden, int64_t n_experts, int64_t top_k, int64_t n_group,
+                     int64_t topk_group, int norm, float scale, int threads) {
+  if (tokens < 0 || hidden <= 0 || n_experts <= 0 || n_group <= 0 || n_experts % n_group || threads <= 0)
+    return 1;
+  const int64_t per_group = n_experts / n_group;
+  if (topk_group < 1 || topk_group > n_group || (n_group > 1 && per_group < 2) || top_k < 1 ||
+      top_k > (n_group > 1 ? topk_group * per_group : n_experts))
+    return 1;
+#pragma omp parallel num_threads(tokens >= 64 ? threads : 1)
+  {
+    std::vector<float> xf(hidden), score(n_experts), choice(n_experts), group(n_group), best(top_k);
+    std::vector<char> eligible(n_experts, 1);
+    std::vector<int64_t> kept(topk_group);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tokens; ++t) {
+      int64_t e = 0, d0 = 0;
+#if defined(__AVX512F__)
+      for (; d0 + 16 <= hidden; d0 += 16)
+        _mm512_storeu_ps(xf.data() + d0, _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(x + t * hidden + d0))), 16)));
+#endif
+      for (; d0 < hidden; ++d0) xf[d0] = bf16_to_f32(x[t * hidden + d0]);
+#if defined(__AVX512F__)
+      for (; e + 4 <= n_experts; e += 4) {  // four experts' dot products at a time: independent FMA chains
+        const float* g = gate + e * hidden;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t d = 0;
+        for (; d + 16 <= hidden; d += 16) {
+          const __m512 v = _mm512_loadu_ps(xf.data() + d);
+          a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(g + d), a0);
+          a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(g + hidden + d), a1);
+          a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(g + 2 * hidden + d), a2);
+          a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(g + 3 * hidden + d), a3);
+        }
+        float dots[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                         _mm512_reduce_add_ps(a3)};
+        for (int i = 0; i < 4; ++i) {
+          for (int64_t k = d; k < hidden; ++k) dots[i] += xf[k] * g[i * hidden + k];
+          score[e + i] = 1.f / (1.f + std::exp(-dots[i]));
+        }
+      }
+#endif
+      for (; e < n_experts; ++e) {
+        float dot = 0.f;
+        for (int64_t d = 0; d < hidden; ++d) dot += xf[d] * gate[e * hidden + d];
+        score[e] = 1.f / (1.f + std::exp(-dot));
+      }
+      for (e = 0; e < n_experts; ++e) choice[e] = score[e] + bias[e];
+      if (n_group > 1) {  // a group's score: its two best choices; the topk_group best groups stay eligible
+        for (int64_t g = 0; g < n_group; ++g) {
+          float a = -INFINITY, b = -INFINITY;  // best, second best
+          for (int64_t e = g * per_group; e < (g + 1) * per_group; ++e) {
+            const float c = choice[e];
+            if (c > a) b = a, a = c;
+            else if (c > b) b = c;
+          }
+          group[g] = a + b;
+        }
+        int64_t n_kept = 0;  // the best groups, best first, ties to the lower group
+        for (int64_t g = 0; g < n_group; ++g) {
+          int64_t at = n_kept;
+          while (at > 0 && group[g] > group[kept[at - 1]]) --at;
+          if (at >= topk_group) continue;
+          for (int64_t i = std::min(n_kept, topk_group - 1); i > at; --i) kept[i] = kept[i - 1];
+          kept[at] = g;
+          n_kept = std::min(n_kept + 1, topk_group);
+        }
+        std::fill(eligible.begin(), eligible.end(), 0);
+        for (int64_t i = 0; i < topk_group; ++i)
+          std::fill(eligible.begin() + kept[i] * per_group, eligible.begin() + (kept[i] + 1) * per_group, 1);
+      }
+      int64_t* row = ids + t * top_k;
+      int64_t n = 0;  // the best eligible choices, best first, ties to the lower id (a NaN ranks last)
+      for (int64_t e = 0; e < n_experts; ++e) {
+        if (!eligible[e]) continue;
+        int64_t at = n;
+        while (at > 0 && choice[e] > best[at - 1]) --at;
+        if (at >= top_k) continue;
+        for (int64_t i = std::min(n, top_k - 1); i > at; --i) best[i] = best[i - 1], row[i] = row[i - 1];
+        best[at] = choice[e];
+        row[at] = e;
+        n = std::min(n + 1, top_k);
+      }
+      float* w = weights + t * top_k;
+      float sum = 0.f;
+      for (int64_t i = 0; i < top_k; ++i) sum += (w[i] = score[row[i]]);
+      for (int64_t i = 0; i < top_k; ++i) w[i] = norm ? w[i] / (sum + 1e-20f) * scale : w[i] * scale;
+    }
+  }
+  return 0;
 }
 
 }  // extern "C"

@@ -165,6 +165,28 @@ at::Tensor indexer_topk_cpu(const at::Tensor& q_, const at::Tensor& weights_, co
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& x_, const at::Tensor& gate_, const at::Tensor& bias_,
+                                             int64_t top_k, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
+                                             double scaling_factor) {
+  const char* op = "route_cpu";
+  check(op, "x", x_, at::kBFloat16, 2);
+  check(op, "gate_weight", gate_, at::kFloat, 2);
+  check(op, "correction_bias", bias_, at::kFloat, 1);
+  const int64_t tokens = x_.size(0), hidden = x_.size(1), n_experts = gate_.size(0);
+  TORCH_CHECK(gate_.size(1) == hidden && bias_.size(0) == n_experts, op, ": shapes do not fit: x ", x_.sizes(),
+              ", gate_weight ", gate_.sizes(), ", correction_bias ", bias_.sizes());
+  const at::Tensor x = x_.contiguous(), gate = gate_.contiguous(), bias = bias_.contiguous();
+  at::Tensor weights = at::empty({tokens, top_k}, gate.options());
+  at::Tensor ids = at::empty({tokens, top_k}, gate.options().dtype(at::kLong));
+  int rc = glm5c_route_bf16(bf16_in(x), gate.const_data_ptr<float>(), bias.const_data_ptr<float>(),
+                            weights.mutable_data_ptr<float>(), ids.mutable_data_ptr<int64_t>(), tokens, hidden,
+                            n_experts, top_k, n_group, topk_group, norm_topk_prob ? 1 : 0, float(scaling_factor),
+                            at::get_num_threads());
+  TORCH_CHECK(rc == 0, op, ": top_k ", top_k, ", n_group ", n_group, ", topk_group ", topk_group, " do not fit ",
+              n_experts, " experts");
+  return {weights, ids};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
@@ -173,5 +195,6 @@ TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
   m.impl("linear_packed_cpu", &linear_packed_cpu);
   m.impl("moe_experts_cpu", &moe_experts_cpu);
   m.impl("moe_experts_packed_cpu", &moe_experts_packed_cpu);
+  m.impl("route_cpu", &route_cpu);
   m.impl("sparse_mla_cpu", &sparse_mla_cpu);
 }
