@@ -148,16 +148,31 @@ class Indexer(nn.Module):
         self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, index_cache: Tensor,
         index_scale: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        num_tokens = x.shape[0]
-        q = self.wq_b(q_latent).view(num_tokens, self.n_heads, self.head_dim)  # [T, Hi, Di]
         k = self.k_norm(self.wk(x))  # [T, Di]
         # the indexer ropes the *first* rope_dim dims of each head (MLA ropes the last ones)
-        q = torch.cat([apply_rope(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim :]], dim=-1)
         k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim :]], dim=-1)
         self.ops.index_cache_write(k, batch.slot_mapping, index_cache, index_scale)
+        operands = (x, q_latent, cos, sin, index_cache, batch.block_tables, batch.seq_ids, batch.positions)
+        operands += (index_scale,) if index_scale is not None else ()
+        if self.ops.indexer_skips_short and torch.compiler.is_compiling():
+            # no token sees more than index_topk keys (the step's positions are all below it): each
+            # selects every key it sees, and the queries and scores need not be computed
+            return torch.cond(batch.positions.max() >= self.topk, self._scored_topk, self._all_visible, operands)
+        return self._scored_topk(*operands)
+
+    def _all_visible(self, x, q_latent, cos, sin, index_cache, block_tables, seq_ids, positions, index_scale=None):
+        """-> [T, index_topk] int32: positions 0 .. position of each token, then -1."""
+        cols = torch.arange(self.topk, device=positions.device, dtype=torch.int32)
+        return torch.where(cols[None, :] <= positions[:, None], cols[None, :], -1)
+
+    def _scored_topk(self, x, q_latent, cos, sin, index_cache, block_tables, seq_ids, positions, index_scale=None):
+        """-> [T, index_topk] int32: the indices of the best-scoring keys each token sees."""
+        num_tokens = x.shape[0]
+        q = self.wq_b(q_latent).view(num_tokens, self.n_heads, self.head_dim)  # [T, Hi, Di]
+        q = torch.cat([apply_rope(q[..., : self.rope_dim], cos, sin), q[..., self.rope_dim :]], dim=-1)
         weights = self.weights_proj(x.float()) * self.weight_scale  # [T, Hi]
         return self.ops.indexer_topk(
-            q.float(), weights, index_cache, batch.block_tables, batch.seq_ids, batch.positions, self.topk, index_scale
+            q.float(), weights, index_cache, block_tables, seq_ids, positions, self.topk, index_scale
         )  # [T, index_topk]
 
 
@@ -378,19 +393,30 @@ class GLM5(nn.Module):
             if mtp and config.num_nextn_predict_layers > 0
             else None
         )
-        self.register_buffer("inv_freq", torch.empty(config.qk_rope_head_dim // 2), persistent=False)
+        half, positions = config.qk_rope_head_dim // 2, config.max_position_embeddings
+        self.register_buffer("inv_freq", torch.empty(half), persistent=False)
+        # every position's RoPE cos and sin, so a step looks its positions up: computed in the step,
+        # a compiled graph recomputed them (sin and cos per vector) in each of its ~20 loops that
+        # rotate a query or key, per head, on a CPU ~60 us of a 16-token mini step
+        self.register_buffer("rope_cos", torch.empty(positions, half, dtype=dtype), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(positions, half, dtype=dtype), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        """(Re)compute the RoPE frequencies, e.g. after materialising a model built on the meta device."""
+        """(Re)compute the RoPE frequencies and tables, on the device they are on (e.g. after
+        materialising a model built on the meta device)."""
         r = self.config.qk_rope_head_dim
         freqs = self.config.rope_theta ** (-torch.arange(0, r, 2, dtype=torch.float32, device="cpu") / r)
-        self.inv_freq = freqs.to(self.inv_freq.device)
+        device = self.inv_freq.device
+        self.inv_freq = freqs.to(device)
+        if device.type != "meta":
+            positions = torch.arange(self.config.max_position_embeddings, device=device)
+            self.rope_cos, self.rope_sin = rope_cos_sin(positions, self.inv_freq, self.dtype)
 
     def forward(self, batch: StepBatch, cache: KVCache) -> Tensor:
         """-> final-normed hidden states [T, D] of every token in the step."""
         x = self.embed_tokens(batch.token_ids)  # [T, D]
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]  # [T, rope_dim / 2]
         topk = None
         for layer in self.layers:
             x, topk = layer(x, cos, sin, batch, cache, topk)
@@ -417,7 +443,7 @@ class GLM5(nn.Module):
         embed = m.embed_tokens if m.embed_tokens is not None else self.embed_tokens
         e = m.enorm(embed(batch.token_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))  # [T, 2D] -> [T, D]
-        cos, sin = rope_cos_sin(batch.positions, self.inv_freq, x.dtype)
+        cos, sin = self.rope_cos[batch.positions], self.rope_sin[batch.positions]
         x, _ = m(x, cos, sin, batch, cache, None)
         return x
 

@@ -176,7 +176,8 @@ def _materialize(model: GLM5, device: torch.device) -> None:
                 module._parameters[name] = nn.Parameter(
                     torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=False
                 )
-    model.inv_freq = torch.empty(model.inv_freq.shape, device=device)
+    for name in ("inv_freq", "rope_cos", "rope_sin"):
+        setattr(model, name, torch.empty(getattr(model, name).shape, dtype=getattr(model, name).dtype, device=device))
     model.reset_buffers()
 
 
