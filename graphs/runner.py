@@ -11,11 +11,12 @@ speculative drafter runs the same way.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from glm5c.batch import StepBatch
+from glm5c.batch import SeqChunk, StepBatch, build_step_batch
 from glm5c.kv_cache import KVCache
 from glm5c.model import GLM5
 from glm5c.ops import cpu_kernels
@@ -109,17 +110,46 @@ class GraphRunner:
         """-> hidden [batch.num_tokens, D], as `model(batch, cache)` computes it."""
         return self._step("step", batch, cache)
 
+    def run_chunks(self, chunks: Sequence[SeqChunk], cache: KVCache) -> Tensor:
+        """-> hidden [tokens, D] of the chunks laid out flat, as self(build_step_batch(chunks, ...))
+        computes."""
+        return self.run_staged(self.stage(chunks, cache), cache)
+
+    def stage(self, chunks: Sequence[SeqChunk], cache: KVCache) -> tuple[tuple[str, int], int, int]:
+        """A step's first half: the chunks laid out in their bucket's buffers (on a CPU straight from
+        the chunks: StaticInputs.fill_chunks). -> what run_staged takes: (bucket key, tokens, block-table width)."""
+        self._check_cache(cache)
+        tokens = sum(len(c.token_ids) for c in chunks)
+        key = ("step", self.buckets.pick(tokens))
+        if self.device.type == "cuda":
+            self._inputs[key].fill(build_step_batch(chunks, self.block_size, cache.pad_slot, self.device),
+                                   cache.pad_slot, self.block_size)  # fmt: skip
+            return key, tokens, self.max_blocks
+        self._inputs[key].fill_chunks(chunks, self.block_size, cache.pad_slot)
+        width = max(self.manifest.min_table_blocks, max((len(c.block_table) for c in chunks), default=1))
+        return key, tokens, width
+
+    def run_staged(self, staged: tuple[tuple[str, int], int, int], cache: KVCache) -> Tensor:
+        """A step's second half: its graph over the staged buffers -> hidden [tokens, D]."""
+        key, tokens, width = staged
+        if self.device.type == "cuda":
+            return self._replay(key, cache)[:tokens]
+        return self._run(key, self._cache_args("step", cache), width)[:tokens]
+
     def mtp(self, batch: StepBatch, cache: KVCache, hidden: Tensor) -> Tensor:
         """-> the MTP layer's hidden states [batch.num_tokens, D], as `model.mtp_hidden` computes them."""
         if not self.has_mtp:
             raise RuntimeError(f"{self.dir} holds no MTP graphs")
         return self._step("mtp", batch, cache, hidden)
 
-    def _step(self, kind: str, batch: StepBatch, cache: KVCache, hidden: Tensor | None = None) -> Tensor:
+    def _check_cache(self, cache: KVCache) -> None:
         if cache.block_size != self.block_size:
             raise ValueError(f"cache block size {cache.block_size} != the artifacts' {self.block_size}")
         if cache.index_k[0].dtype != self.index_dtype:
             raise ValueError(f"cache index keys are {cache.index_k[0].dtype}, the artifacts read {self.index_dtype}")
+
+    def _step(self, kind: str, batch: StepBatch, cache: KVCache, hidden: Tensor | None = None) -> Tensor:
+        self._check_cache(cache)
         key = (kind, self.buckets.pick(batch.num_tokens))
         inputs = self._inputs[key]
         inputs.fill(batch, cache.pad_slot, self.block_size, hidden)

@@ -250,6 +250,31 @@ def test_corrupted_artifacts_give_a_clear_error(tiny_dir, artifacts, tmp_path, d
         LLM(tiny_dir, artifacts=broken)
 
 
+def test_chunks_fill_the_buffers_as_their_batch_does():
+    """StaticInputs.fill_chunks (a CPU runner's step) writes what fill(build_step_batch(...)) writes:
+    decodes and prefill chunks, a partly filled bucket (padding), rows of several widths."""
+    from glm5c.graphs.step import StaticInputs
+
+    pad_slot, bs = 20 * 4, 4
+    cases = [
+        [SeqChunk([5], 9, [3, 1, 7]), SeqChunk([6], 0, [2]), SeqChunk([7], 3, [4])],  # decodes, 3 of 4 tokens
+        [SeqChunk([1, 2, 3, 4, 5], 2, [9, 8]), SeqChunk([8], 12, [0, 5, 6, 10]), SeqChunk([2, 2], 0, [11])],
+        [SeqChunk([3], 7, [12, 13])] * 8,  # a full bucket: no padding
+    ]
+    for chunks in cases:
+        a, b = StaticInputs(8, 6, "cpu"), StaticInputs(8, 6, "cpu")
+        for t in (*b.args(), ):  # stale contents: fill_chunks must overwrite all
+            t.fill_(77)
+        a.fill(build_step_batch(chunks, bs, pad_slot), pad_slot, bs)
+        assert b.fill_chunks(chunks, bs, pad_slot) == sum(len(c.token_ids) for c in chunks)
+        for x, y in zip(a.args(), b.args()):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="sequence 0 needs 9 cache slots but has 2 blocks"):
+        StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk([1], 8, [0, 1])], bs, pad_slot)
+    with pytest.raises(ValueError, match="does not fit a bucket of 8 tokens"):
+        StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk(list(range(9)), 0, [0, 1, 2])], bs, pad_slot)
+
+
 def test_step_larger_than_the_largest_bucket_is_an_error(compiled):
     cache = compiled.runner.new_cache(num_blocks=8)
     batch = build_step_batch([SeqChunk(list(range(5)), 0, [0, 1])], 4, cache.pad_slot)
@@ -339,12 +364,14 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
         plain = build_model(tiny_dir, dtype=torch.bfloat16, ops=dataclasses.replace(ops_for("cpu", "bfloat16")[0], pack_experts=None))
         with pytest.raises(StaleArtifactsError, match=r"blocked for the CPU kernels or not\) differ .* Rebuild them: glm5c compile "):
             GraphRunner(out, plain, tiny_dir)
+    assert manifest.ops["indexer_skips_short"] == "torch.cond"
     # bucket 2 (gemv linears), and bucket 128 from six 14-token prompts: each within
     # index_topk, so no bf16 near-tie in the indexer's top-k can pick other keys in the two runs
-    for seqs in (1, 6):
-        length = 2 if seqs == 1 else 14
-        cache_a, cache_b = runner.new_cache(num_blocks=40), runner.new_cache(num_blocks=40)
-        chunks = [SeqChunk(list(range(40 + s, 40 + s + length)), 0, list(range(4 * s, 4 * s + 4))) for s in range(seqs)]
+    # (and the graphs skip the indexer's queries, which the eager model computes); then one
+    # 40-token prompt, past index_topk (16): the graph's scored branch
+    for seqs, length in ((1, 2), (6, 14), (1, 40)):
+        cache_a, cache_b = runner.new_cache(num_blocks=64), runner.new_cache(num_blocks=64)
+        chunks = [SeqChunk(list(range(40 + s, 40 + s + length)), 0, list(range(10 * s, 10 * s + 10))) for s in range(seqs)]
         with torch.inference_mode():
             a = runner(build_step_batch(chunks, 4, cache_a.pad_slot, max_blocks=runner.max_blocks), cache_a)
             b = eager_model(build_step_batch(chunks, 4, cache_b.pad_slot, max_blocks=runner.max_blocks), cache_b)
@@ -353,6 +380,29 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
         row_err = (a.float() - b.float()).abs().amax(1)
         assert (row_err > 0.05 * b.float().abs().max()).sum() <= max(1, len(row_err) // 10), row_err
         assert row_err.median() < 0.02 * b.float().abs().max()
+
+
+def test_the_indexers_short_branch_selects_what_its_scores_select(tiny_dir):
+    """Ops.indexer_skips_short: where no token sees more than index_topk keys, the branch a CPU's
+    graphs take without queries or scores selects what the scored top-k selects (all visible keys),
+    in position order; past index_topk the op scores."""
+    model = build_model(tiny_dir, dtype=torch.float32)
+    layer = next(i for i in range(model.config.num_hidden_layers) if model.config.layer_has_indexer(i))
+    indexer, topk = model.layers[layer].self_attn.indexer, model.config.index_topk
+    cache = KVCache(model.config, 24, 4, torch.float32, "cpu")
+    cache.index_k[layer].normal_()
+    chunks = [SeqChunk([5] * 3, 0, [0, 1]), SeqChunk([6], topk - 1, [2, 3, 4, 5]), SeqChunk([7], topk + 5, list(range(6, 12)))]
+    b = build_step_batch(chunks, 4, cache.pad_slot)
+    x, q_latent = torch.randn(5, model.config.hidden_size), torch.randn(5, model.config.q_lora_rank)
+    cos, sin = model.rope_cos[b.positions], model.rope_sin[b.positions]
+    args = (x, q_latent, cos, sin, cache.index_k[layer], b.block_tables, b.seq_ids, b.positions)
+    scored, short = indexer._scored_topk(*args), indexer._all_visible(*args)
+    assert short.dtype == scored.dtype == torch.int32 and short.shape == scored.shape == (5, topk)
+    for row in range(4):  # positions 0, 1, 2 and topk - 1: every visible key, in order
+        visible = int(b.positions[row]) + 1
+        assert short[row].tolist() == list(range(visible)) + [-1] * (topk - visible)
+        assert sorted(scored[row].tolist()) == sorted(short[row].tolist())
+    assert (scored[4] >= 0).all() and len(set(scored[4].tolist())) == topk  # topk + 6 visible: scored
 
 
 @pytest.mark.skipif(not cpu_kernels.has_avx512_bf16(), reason="blocked weights need AVX512-BF16")
