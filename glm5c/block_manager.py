@@ -66,9 +66,11 @@ class BlockManager:
         """Make the sequence's table hold num_tokens; False (and no change) if the pool is short."""
         table = self.tables[seq_id]
         extra = self.blocks_for(num_tokens) - len(table)
+        if extra <= 0:  # (most decode steps)
+            return True
         if extra > self.num_free_blocks:
             return False
-        table.extend(self._take_free() for _ in range(max(extra, 0)))
+        table.extend(self._take_free() for _ in range(extra))
         return True
 
     def cache_full_blocks(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
