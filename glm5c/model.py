@@ -88,6 +88,14 @@ class Linear(nn.Module):
         return self.ops.linear(x, self.weight, self.weight_scale_inv)
 
 
+def linears(x: Tensor, *layers: Linear) -> list[Tensor]:
+    """x through linear layers that all read it: one ops.linear_many call where the ops have one."""
+    ops = layers[0].ops
+    if ops.linear_many is None:
+        return [layer(x) for layer in layers]
+    return ops.linear_many(x, [(layer.weight, layer.weight_scale_inv) for layer in layers])
+
+
 class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -145,10 +153,11 @@ class Indexer(nn.Module):
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
 
     def forward(
-        self, x: Tensor, q_latent: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, index_cache: Tensor,
+        self, x: Tensor, q_latent: Tensor, k: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, index_cache: Tensor,
         index_scale: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        k = self.k_norm(self.wk(x))  # [T, Di]
+        """k: self.wk(x) [T, Di] (MLAttention computes it beside its own projections of x)."""
+        k = self.k_norm(k)  # [T, Di]
         # the indexer ropes the *first* rope_dim dims of each head (MLA ropes the last ones)
         k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim :]], dim=-1)
         self.ops.index_cache_write(k, batch.slot_mapping, index_cache, index_scale)
@@ -224,16 +233,19 @@ class MLAttention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, batch: StepBatch, cache: KVCache, layer: int, topk: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         num_tokens, h = x.shape[0], self.n_heads
-        q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [T, q_lora]
+        # the projections of x: queries' and keys' latents (and the indexer's keys), side by side
+        projections = (self.q_a_proj, self.kv_a_proj_with_mqa) + ((self.indexer.wk,) if self.indexer is not None else ())
+        q_a, kv_a, *index_k = linears(x, *projections)
+        q_latent = self.q_a_layernorm(q_a)  # [T, q_lora]
         q = self.q_b_proj(q_latent).view(num_tokens, h, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [T, kv_lora]
         q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
         KVCache.write(cache.latent[layer], batch.slot_mapping, torch.cat([latent, k_rope], dim=-1))
 
         if self.indexer is not None:
-            topk = self.indexer(x, q_latent, cos, sin, batch, cache.index_k[layer], cache.index_scale[layer])
+            topk = self.indexer(x, q_latent, index_k[0], cos, sin, batch, cache.index_k[layer], cache.index_scale[layer])
         elif topk is None:
             raise ValueError(f"layer {layer} shares its indexer but no earlier layer produced top-k indices")
 
@@ -258,7 +270,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(hidden, dim, ops, fp8, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Router(nn.Module):

@@ -53,6 +53,9 @@ class Ops:
     # a linear layer's weight [out, in] (or MLA's absorbed per-head [H, out, in]) in the layout
     # `linear` runs fastest, at load; None: as loaded
     pack_linear: Callable[[Tensor], Tensor] | None = None
+    # linear layers reading the same x at once: (x, [(weight, scale_inv), ...]) -> [y, ...];
+    # None: `linear` each
+    linear_many: Callable[[Tensor, list[tuple[Tensor, Tensor | None]]], list[Tensor]] | None = None
     # whether a compiled graph branches (torch.cond) around the indexer's queries and scores in a
     # step where no token sees more than index_topk keys (each then selects all it sees): a CPU's
     # graphs; not CUDA graphs, whose branch would need the host

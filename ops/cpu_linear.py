@@ -37,6 +37,8 @@ weighted_rows' x @ W, and 15 -> 5.5 us for W_uv).
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -172,3 +174,42 @@ def linear_cpu(x: Tensor, weight: Tensor, scale_inv: Tensor | None = None) -> Te
     elif scale_inv is None and rows <= FP32_GEMV_MAX_ROWS:
         return gemv(x, weight)
     return linear_ref(x, weight, scale_inv)
+
+
+def linear_packed_multi_bf16(x: Tensor, weights: list[Tensor]) -> list[Tensor]:
+    """The kernel over several blocked weights (pack_linear) reading the same x, eagerly: x [T, in]
+    -> [T, out_i] per weight [out_i / 16, in / 2, 16, 2], as linear_packed_bf16 each."""
+    if not weights:
+        raise ValueError("linear_packed_multi_cpu: no weights")
+    for w in weights:  # (the checks, and the error, of one weight's kernel)
+        if w.dim() != 4:
+            raise ValueError(f"linear_packed_multi_cpu: weight {tuple(w.shape)} is not blocked [out / 16, in / 2, 16, 2]")
+        linear_packed_bf16(x[:0], w)
+    lib = cpu_kernels.load()
+    x, weights = x if x.stride(-1) == 1 else x.contiguous(), [w.contiguous() for w in weights]
+    outs = [x.new_empty(_packed_out_shape(x, w)) for w in weights]
+    pointers = (ctypes.c_void_p * len(weights))
+    rc = lib.glm5c_linear_packed_multi_bf16(x.data_ptr(), len(weights), pointers(*(w.data_ptr() for w in weights)),
+                                            pointers(*(o.data_ptr() for o in outs)),
+                                            (ctypes.c_int64 * len(outs))(*(o.shape[-1] for o in outs)), x.shape[0],
+                                            x.shape[-1], x.stride(0), torch.get_num_threads())  # fmt: skip
+    cpu_kernels.check_status("linear_packed_multi_cpu", rc)
+    return outs
+
+
+cpu_kernels.define_op(
+    "linear_packed_multi_cpu(Tensor x, Tensor[] weights) -> Tensor[]",
+    lambda x, weights: linear_packed_multi_bf16(x, list(weights)),
+    lambda x, weights: [x.new_empty(_packed_out_shape(x, w)) for w in weights],
+)
+
+
+def linear_many_cpu(x: Tensor, weights: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+    """Ops.linear_many for a CPU's BF16 graphs: linear layers that read the same x [T, in] in one
+    call of the packed kernel (`glm5c::linear_packed_multi_cpu`) when every weight is blocked
+    (pack_linear), else linear_cpu each. Per layer of a 16-token mini step this saves the calls
+    and thread forks of two linears of three (q_a, kv_a, the indexer's keys) and of one of two (an
+    MLP's gate and up), and packs x once."""
+    if x.dim() == 2 and x.dtype == torch.bfloat16 and all(w.dim() == 4 and s is None for w, s in weights):
+        return list(torch.ops.glm5c.linear_packed_multi_cpu(x, [w for w, _ in weights]))
+    return [linear_cpu(x, w, s) for w, s in weights]

@@ -212,3 +212,48 @@ def test_packed_per_head_weights_match_torch(rows):
     _close(cpu_linear.linear_cpu(latent, cpu_linear.pack_linear(w_uv)), ops.linear_ref(latent, w_uv))
     with pytest.raises(ValueError, match=r"x \[T, H, in\] for \[H, out / 16, in / 2, 16, 2\]"):
         cpu_linear.linear_packed_bf16(_bf16(rows, 2, 16, seed=0), cpu_linear.pack_linear(w_uk_t))
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 40])
+def test_linears_side_by_side_equal_each_alone(rows):
+    """linear_many_cpu: blocked weights reading the same x in one call of the multi-weight kernel,
+    each output the single-weight kernel's to the bit (threads split the weights' blocks together)."""
+    x = _bf16(rows, 96, seed=1)
+    weights = [(cpu_linear.pack_linear(_bf16(n, 96, seed=2 + n)), None) for n in (64, 16, 48, 160)]
+    got = cpu_linear.linear_many_cpu(x, weights)
+    assert len(got) == len(weights)
+    for y, (w, _) in zip(got, weights):
+        assert torch.equal(y, cpu_linear.linear_cpu(x, w))
+    eager = cpu_linear.linear_packed_multi_bf16(x, [w for w, _ in weights])  # (through ctypes)
+    assert all(torch.equal(a, b) for a, b in zip(eager, got))
+
+
+@needs_bf16
+def test_linears_side_by_side_in_a_compiled_graph():
+    weights = [(cpu_linear.pack_linear(_bf16(n, 64, seed=n)), None) for n in (32, 16)]
+
+    def layer(x):
+        a, b = cpu_linear.linear_many_cpu(x, weights)
+        return a.sum(-1) + b.sum(-1)
+
+    x = _bf16(9, 64, seed=0)
+    assert torch.equal(torch.compile(layer, fullgraph=True, dynamic=False)(x), layer(x))
+
+
+def test_linears_side_by_side_fall_back_to_one_at_a_time():
+    """Weights not all blocked (or with FP8 scales): linear_cpu each."""
+    x, w = _bf16(5, 32, seed=0), _bf16(16, 32, seed=1)
+    got = cpu_linear.linear_many_cpu(x, [(w, None), (cpu_linear.pack_linear(w), None)])
+    assert all(torch.equal(y, cpu_linear.linear_cpu(x, w)) for y in got)
+
+
+@needs_bf16
+def test_linears_side_by_side_bad_input_is_named():
+    x = _bf16(3, 64, seed=0)
+    with pytest.raises(ValueError, match="linear_packed_multi_cpu: no weights"):
+        cpu_linear.linear_packed_multi_bf16(x, [])
+    with pytest.raises(ValueError, match="does not fit blocked weight"):
+        cpu_linear.linear_packed_multi_bf16(x, [cpu_linear.pack_linear(_bf16(16, 32, seed=1))])
+    with pytest.raises(RuntimeError, match=r"linear_packed_multi_cpu: x \[3, 64\] does not fit blocked weight"):
+        torch.ops.glm5c.linear_packed_multi_cpu(x, [cpu_linear.pack_linear(_bf16(16, 32, seed=1))])

@@ -1258,6 +1258,10 @@ int glm5c_linear_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64
   return 0;
 }
 
+int glm5c_linear_packed_multi_bf16(const uint16_t* x, int64_t n_weights, const uint16_t* const* ws,
+                                   uint16_t* const* outs, const int64_t* out_features, int64_t tokens,
+                                   int64_t in_features, int64_t x_token_stride, int threads);  // (below)
+
 // out [T, H, N] bf16 = per head h: x[:, h] @ W_h^T for W blocked [H, N / 16, K / 2, 16, 2]
 // (ops/cpu_kernels.py: block_weight; N a multiple of 16, K even; H = 1: a linear layer, H > 1: MLA's
 // absorbed per-head projections), x[t, h] at x + t * x_token_stride + h * x_head_stride (its elements
@@ -1272,6 +1276,8 @@ int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out
   if (tokens < 0 || heads <= 0 || in_features <= 0 || out_features <= 0 || in_features % 2 || out_features % 16 ||
       threads <= 0)
     return 1;
+  if (heads == 1)  // one linear layer: the multi-weight kernel's single case
+    return glm5c_linear_packed_multi_bf16(x, 1, &w, &out, &out_features, tokens, in_features, x_token_stride, threads);
 #if GLM5C_DPBF16
   const int64_t K2 = in_features / 2, per_head = out_features / 16, blocks = heads * per_head;
   const int64_t groups = (tokens + 15) / 16, tile = K2 * 32;
@@ -1311,6 +1317,61 @@ int glm5c_linear_packed_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out
   return 0;
 #else
   (void)x, (void)w, (void)out, (void)x_token_stride, (void)x_head_stride;
+  return 3;
+#endif
+}
+
+// outs[i] [T, N_i] bf16 = x @ W_i^T for n blocked weights W_i [N_i / 16, K / 2, 16, 2] that read
+// the same x [T, K] (rows x_token_stride apart): linear layers side by side (MLA's q_a and kv_a and
+// the indexer's keys, an MLP's gate and up) in one parallel region, x packed once per thread.
+// Threads split the weights' blocks of 16 outputs, all of them in order, as glm5c_linear_packed_bf16
+// splits one weight's. Returns 0, 1 when an argument is out of range, 3 when built without AVX512-BF16.
+int glm5c_linear_packed_multi_bf16(const uint16_t* x, int64_t n_weights, const uint16_t* const* ws,
+                                   uint16_t* const* outs, const int64_t* out_features, int64_t tokens,
+                                   int64_t in_features, int64_t x_token_stride, int threads) {
+  if (tokens < 0 || n_weights <= 0 || in_features <= 0 || in_features % 2 || threads <= 0) return 1;
+  for (int64_t i = 0; i < n_weights; ++i)
+    if (out_features[i] <= 0 || out_features[i] % 16) return 1;
+#if GLM5C_DPBF16
+  const int64_t K2 = in_features / 2, groups = (tokens + 15) / 16, tile = K2 * 32;
+  std::vector<int64_t> first_block(n_weights + 1, 0);  // weight i's blocks: [first_block[i], first_block[i + 1])
+  for (int64_t i = 0; i < n_weights; ++i) first_block[i + 1] = first_block[i] + out_features[i] / 16;
+  const int64_t blocks = first_block[n_weights];
+  if (tokens == 0) return 0;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num(), per = (blocks + n - 1) / n;
+    const int64_t q0 = std::min(blocks, t * per), q1 = std::min(blocks, (t + 1) * per);
+    if (q0 < q1) {
+      int64_t i = 0;  // the weight holding block q
+      while (first_block[i + 1] <= q0) ++i;
+      const auto tile_of = [&](int64_t q, int64_t w) { return ws[w] + (q - first_block[w]) * tile; };
+      for (int64_t l = 0; l < tile; l += 32) _mm_prefetch((const char*)(tile_of(q0, i) + l), _MM_HINT_T0);
+      int32_t* xv = scratch<int32_t, Use::x_pairs>(groups * K2 * 16);
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint16_t* xs[16];
+        const int M = int(std::min<int64_t>(16, tokens - 16 * g));
+        for (int j = 0; j < M; ++j) xs[j] = x + (16 * g + j) * x_token_stride;
+        pack_pairs(xs, M, in_features, reinterpret_cast<float*>(xv + g * K2 * 16), 16);
+      }
+      for (int64_t q = q0; q < q1; ++q) {
+        if (q >= first_block[i + 1]) ++i;
+        const uint16_t* wt = tile_of(q, i);
+        const uint16_t* next = q + 1 >= q1 ? wt : q + 1 < first_block[i + 1] ? wt + tile : tile_of(q + 1, i + 1);
+        const int64_t N = out_features[i], b = q - first_block[i];
+        for (int64_t g = 0; g < groups; ++g) {
+          const int M = int(std::min<int64_t>(16, tokens - 16 * g));
+          __m512 y[16];
+          packed_tile_n(M, wt, K2, xv + g * K2 * 16, g == 0 ? next : wt, y);
+          for (int j = 0; j < M; ++j)
+            _mm256_storeu_si256((__m256i*)(outs[i] + (16 * g + j) * N + 16 * b), (__m256i)_mm512_cvtneps_pbh(y[j]));
+        }
+      }
+    }
+  }
+  return 0;
+#else
+  (void)x, (void)ws, (void)outs, (void)x_token_stride;
   return 3;
 #endif
 }

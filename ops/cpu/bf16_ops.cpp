@@ -69,6 +69,31 @@ at::Tensor linear_packed_cpu(const at::Tensor& x_, const at::Tensor& weight) {
   return out;
 }
 
+// x [T, K] through several blocked weights [N_i / 16, K / 2, 16, 2] at once -> [T, N_i] each.
+std::vector<at::Tensor> linear_packed_multi_cpu(const at::Tensor& x_, at::TensorList weights) {
+  const char* op = "linear_packed_multi_cpu";
+  check(op, "x", x_, at::kBFloat16, 2);
+  TORCH_CHECK(!weights.empty(), op, ": no weights");
+  const at::Tensor x = x_.stride(-1) == 1 || x_.size(-1) == 1 ? x_ : x_.contiguous();
+  std::vector<at::Tensor> outs;
+  std::vector<const uint16_t*> ws;
+  std::vector<uint16_t*> out_ptrs;
+  std::vector<int64_t> out_features;
+  for (const at::Tensor& w : weights) {
+    check(op, "a weight", w, at::kBFloat16, 4);
+    TORCH_CHECK(w.size(-2) == 16 && w.size(-1) == 2 && x.size(-1) == 2 * w.size(-3) && w.is_contiguous(), op, ": x ",
+                x.sizes(), " does not fit blocked weight ", w.sizes(), " (contiguous)");
+    outs.push_back(at::empty({x.size(0), w.size(0) * 16}, x.options()));
+    ws.push_back(bf16_in(w));
+    out_ptrs.push_back(bf16_out(outs.back()));
+    out_features.push_back(w.size(0) * 16);
+  }
+  int rc = glm5c_linear_packed_multi_bf16(bf16_in(x), int64_t(ws.size()), ws.data(), out_ptrs.data(), out_features.data(),
+                                          x.size(0), x.size(1), x.stride(0), at::get_num_threads());
+  TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
+  return outs;
+}
+
 // moe_experts_cpu, and moe_experts_packed_cpu over blocked stacks (ops/cpu_kernels.py:
 // block_weight): gate_proj, up_proj [E, I / 16, D / 2, 16, 2], down_proj [E, D / 16, I / 2, 16, 2].
 at::Tensor experts(bool blocked, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
@@ -193,6 +218,7 @@ TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
   m.impl("indexer_topk_cpu", &indexer_topk_cpu);
   m.impl("linear_bf16_cpu", &linear_bf16_cpu);
   m.impl("linear_packed_cpu", &linear_packed_cpu);
+  m.impl("linear_packed_multi_cpu", &linear_packed_multi_cpu);
   m.impl("moe_experts_cpu", &moe_experts_cpu);
   m.impl("moe_experts_packed_cpu", &moe_experts_packed_cpu);
   m.impl("route_cpu", &route_cpu);
