@@ -110,14 +110,10 @@ class GraphRunner:
         """-> hidden [batch.num_tokens, D], as `model(batch, cache)` computes it."""
         return self._step("step", batch, cache)
 
-    def run_chunks(self, chunks: Sequence[SeqChunk], cache: KVCache) -> Tensor:
-        """-> hidden [tokens, D] of the chunks laid out flat, as self(build_step_batch(chunks, ...))
-        computes."""
-        return self.run_staged(self.stage(chunks, cache), cache)
-
     def stage(self, chunks: Sequence[SeqChunk], cache: KVCache) -> tuple[tuple[str, int], int, int]:
         """A step's first half: the chunks laid out in their bucket's buffers (on a CPU straight from
-        the chunks: StaticInputs.fill_chunks). -> what run_staged takes: (bucket key, tokens, block-table width)."""
+        the chunks: StaticInputs.fill_chunks), as self(build_step_batch(chunks, ...)) lays them out.
+        -> what run_staged takes: (bucket key, tokens, block-table width)."""
         self._check_cache(cache)
         tokens = sum(len(c.token_ids) for c in chunks)
         key = ("step", self.buckets.pick(tokens))
