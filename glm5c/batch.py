@@ -64,50 +64,52 @@ def build_step_batch(
     """Lay chunks out flat; block tables are `max_blocks` wide (default: the longest), filled up
     with the cache's scratch block (the block holding `pad_slot`). Padding a step to a compiled
     bucket is the graph runner's job (glm5c.graphs.step.StaticInputs)."""
-    num_tokens = sum(len(c.token_ids) for c in chunks)
-    # four int64 fields, one after the other in one list: converted in one call (through numpy),
-    # then viewed (a 16-request decode step's: 33 -> 18 us hot on the 2-core dev machine)
-    flat: list[int] = [0] * (4 * num_tokens)
+    num_tokens, rows = sum(len(c.token_ids) for c in chunks), len(chunks)
     width = max_blocks or max(max((len(c.block_table) for c in chunks), default=1), 1)
-    tables: list[int] = []  # [B * width], then seq_lens [B]: int32, one call
-    seq_lens: list[int] = []
-    scratch_block = pad_slot // block_size
-    first = 0
-    for row, chunk in enumerate(chunks):
-        table, n, start = chunk.block_table, len(chunk.token_ids), chunk.start_pos
-        end = start + n
+    ints = np.empty((4, num_tokens), dtype=np.int64)
+    tables = np.full((rows, width), pad_slot // block_size, dtype=np.int32)
+    seq_lens = np.empty(rows, dtype=np.int32)
+    lay_out(chunks, block_size, ints, tables, seq_lens)
+    token_ids, positions, seq_ids, slots = _tensor(ints, device).unbind(0)
+    logits_indices = logits_rows(chunks)
+    logits_indices = np.arange(num_tokens) if logits_indices is None else np.array(logits_indices, dtype=np.int64)
+    return StepBatch(token_ids, positions, seq_ids, slots, _tensor(tables, device), _tensor(seq_lens, device),
+                     _tensor(logits_indices, device))  # fmt: skip
+
+
+def lay_out(chunks: Sequence[SeqChunk], block_size: int, ints: np.ndarray, tables: np.ndarray,
+            seq_lens: np.ndarray) -> int:  # fmt: skip
+    """Write the chunks flat into host arrays: ints, four [>= T] int64 rows (token ids, positions,
+    each token's sequence row, its cache slot), each sequence's blocks at the start of its row of
+    tables [>= B, W] int32 (the rest of the row left as it is), seq_lens [>= B] its length after the
+    step. -> T, the tokens written. (build_step_batch's layout, and a CPU runner's straight into its
+    buffers: graphs.step.StaticInputs.fill_chunks.)"""
+    width = tables.shape[1]
+    n = 0
+    for row, (token_ids, start, table, *_) in enumerate(chunks):
+        count = len(token_ids)
+        end = start + count
         if end > len(table) * block_size:
             raise ValueError(f"sequence {row} needs {end} cache slots but has {len(table)} blocks")
         if len(table) > width:
             raise ValueError(f"sequence {row} has {len(table)} blocks, more than max_blocks={width}")
-        if n == 1:  # (a decode)
-            flat[first] = int(chunk.token_ids[0])
-            flat[num_tokens + first] = start
-            flat[2 * num_tokens + first] = row
-            flat[3 * num_tokens + first] = table[start // block_size] * block_size + start % block_size
+        if count == 1:  # (a decode)
+            ints[0][n] = token_ids[0]
+            ints[1][n] = start
+            ints[2][n] = row
+            ints[3][n] = table[start // block_size] * block_size + start % block_size
         else:
-            flat[first : first + n] = map(int, chunk.token_ids)
-            flat[num_tokens + first : num_tokens + first + n] = range(start, end)
-            flat[2 * num_tokens + first : 2 * num_tokens + first + n] = [row] * n
-            flat[3 * num_tokens + first : 3 * num_tokens + first + n] = [
-                table[pos // block_size] * block_size + pos % block_size for pos in range(start, end)
-            ]
-        first += n
-        tables.extend(table)
-        if len(table) < width:
-            tables.extend([scratch_block] * (width - len(table)))
-        seq_lens.append(end)
-    token_ids, positions, seq_ids, slots = _tensor(flat, np.int64, device).view(4, num_tokens).unbind(0)
-    int32s = _tensor(tables + seq_lens, np.int32, device)
-    logits_indices = logits_rows(chunks)
-    rows = len(seq_lens)
-    return StepBatch(token_ids, positions, seq_ids, slots, block_tables=int32s[: rows * width].view(rows, width),
-                     seq_lens=int32s[rows * width :],
-                     logits_indices=_tensor(range(num_tokens) if logits_indices is None else logits_indices, np.int64,
-                                            device))  # fmt: skip
+            ints[0][n : n + count] = token_ids
+            ints[1][n : n + count] = range(start, end)
+            ints[2][n : n + count] = row
+            ints[3][n : n + count] = [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        tables[row, : len(table)] = table
+        seq_lens[row] = end
+        n += count
+    return n
 
 
-def _tensor(values: list[int] | range, dtype: type, device: torch.device | str) -> Tensor:
-    """A tensor of `values` (through numpy: a third of torch.tensor's time for a list of ints)."""
-    t = torch.from_numpy(np.array(values, dtype=dtype))
+def _tensor(values: np.ndarray, device: torch.device | str) -> Tensor:
+    """A host array as a tensor on `device` (on a CPU sharing its memory)."""
+    t = torch.from_numpy(values)
     return t if torch.device(device).type == "cpu" else t.to(device)

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from glm5c.batch import SeqChunk, StepBatch
+from glm5c.batch import SeqChunk, StepBatch, lay_out
 from glm5c.kv_cache import KVCache
 from glm5c.model import GLM5
 
@@ -153,34 +153,12 @@ class StaticInputs:
         if self._host is None:
             raise RuntimeError("fill_chunks writes a CPU's buffers; fill a GPU's from a StepBatch")
         ints, tables, lens = self._host
-        rows = len(chunks)
-        if rows > self.tokens:
-            raise ValueError(f"step of {rows} sequences does not fit a bucket of {self.tokens} tokens")
-        scratch_block = pad_slot // block_size
-        tables.fill(scratch_block)
+        rows, tokens = len(chunks), sum(len(c.token_ids) for c in chunks)
+        if rows > self.tokens or tokens > self.tokens:
+            raise ValueError(f"step of {tokens} tokens from {rows} sequences does not fit a bucket of {self.tokens} tokens")
+        tables.fill(pad_slot // block_size)
         lens.fill(1)
-        n = 0
-        for row, (token_ids, start, table, *_) in enumerate(chunks):
-            count = len(token_ids)
-            end = start + count
-            if end > len(table) * block_size:
-                raise ValueError(f"sequence {row} needs {end} cache slots but has {len(table)} blocks")
-            if n + count > self.tokens or len(table) > self.max_blocks:
-                raise ValueError(f"step of {n + count}+ tokens and {len(table)} blocks per sequence does not fit a "
-                                 f"bucket of {self.tokens} tokens and {self.max_blocks} blocks")  # fmt: skip
-            if count == 1:  # (a decode)
-                ints[0][n] = token_ids[0]
-                ints[1][n] = start
-                ints[2][n] = row
-                ints[3][n] = table[start // block_size] * block_size + start % block_size
-            else:
-                ints[0][n : n + count] = token_ids
-                ints[1][n : n + count] = range(start, end)
-                ints[2][n : n + count] = row
-                ints[3][n : n + count] = [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-            tables[row, : len(table)] = table
-            lens[row] = end
-            n += count
+        n = lay_out(chunks, block_size, ints, tables, lens)
         for buffer, pad in zip(ints, (0, 0, rows, pad_slot)):  # padding tokens: as fill's
             buffer[n:] = pad
         return n
