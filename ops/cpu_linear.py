@@ -110,22 +110,34 @@ def _packed_out_shape(x: Tensor, weight: Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], weight.shape[-4] * cpu_kernels.BLOCK_ROWS)
 
 
-def linear_packed_bf16(x: Tensor, weight: Tensor) -> Tensor:
-    """The kernel over a blocked weight (pack_linear), eagerly: x [T, in] @ weight [out / 16, in / 2,
-    16, 2] -> [T, out], or per head x [T, H, in] with weight [H, out / 16, in / 2, 16, 2] -> [T, H,
-    out]; bf16 in and out, fp32 accumulation."""
+def _check_packed(op: str, x: Tensor, weight: Tensor) -> None:
+    """x fits the blocked weight (a linear's [out / 16, in / 2, 16, 2], or per head [H, ...]): ValueError naming both."""
     heads = weight.shape[0] if weight.dim() == 5 else 1
     want_x = (x.shape[0], heads, 2 * weight.shape[-3]) if weight.dim() == 5 else (x.shape[0], 2 * weight.shape[-3])
     if weight.dim() not in (4, 5) or tuple(weight.shape[-2:]) != (cpu_kernels.BLOCK_ROWS, 2) or x.dim() != len(want_x) \
             or tuple(x.shape) != want_x or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 \
             or x.device.type != "cpu" or weight.device.type != "cpu":  # fmt: skip
-        raise ValueError(f"linear_packed_cpu: x {x.dtype} {tuple(x.shape)} on {x.device} does not fit blocked weight "
+        raise ValueError(f"{op}: x {x.dtype} {tuple(x.shape)} on {x.device} does not fit blocked weight "
                          f"{weight.dtype} {tuple(weight.shape)} on {weight.device}: expected bf16 on cpu, x [T, in] "
                          "for weight [out / 16, in / 2, 16, 2] or x [T, H, in] for [H, out / 16, in / 2, 16, 2]")  # fmt: skip
+
+
+def _packed_kernels(op: str):
+    """The kernels' library, which blocked weights need built with AVX512-BF16."""
     lib = cpu_kernels.load()
     if lib is None or not lib.glm5c_has_avx512bf16():
-        raise RuntimeError("linear_packed_cpu: blocked weights need the kernel built with AVX512-BF16; "
+        raise RuntimeError(f"{op}: blocked weights need the kernel built with AVX512-BF16; "
                            "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
+    return lib
+
+
+def linear_packed_bf16(x: Tensor, weight: Tensor) -> Tensor:
+    """The kernel over a blocked weight (pack_linear), eagerly: x [T, in] @ weight [out / 16, in / 2,
+    16, 2] -> [T, out], or per head x [T, H, in] with weight [H, out / 16, in / 2, 16, 2] -> [T, H,
+    out]; bf16 in and out, fp32 accumulation."""
+    _check_packed("linear_packed_cpu", x, weight)
+    lib = _packed_kernels("linear_packed_cpu")
+    heads = weight.shape[0] if weight.dim() == 5 else 1
     x, weight = x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous()
     out = x.new_empty(_packed_out_shape(x, weight))
     rc = lib.glm5c_linear_packed_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], heads, x.shape[-1],
@@ -181,11 +193,11 @@ def linear_packed_multi_bf16(x: Tensor, weights: list[Tensor]) -> list[Tensor]:
     -> [T, out_i] per weight [out_i / 16, in / 2, 16, 2], as linear_packed_bf16 each."""
     if not weights:
         raise ValueError("linear_packed_multi_cpu: no weights")
-    for w in weights:  # (the checks, and the error, of one weight's kernel)
+    for w in weights:
         if w.dim() != 4:
             raise ValueError(f"linear_packed_multi_cpu: weight {tuple(w.shape)} is not blocked [out / 16, in / 2, 16, 2]")
-        linear_packed_bf16(x[:0], w)
-    lib = cpu_kernels.load()
+        _check_packed("linear_packed_multi_cpu", x, w)
+    lib = _packed_kernels("linear_packed_multi_cpu")
     x, weights = x if x.stride(-1) == 1 else x.contiguous(), [w.contiguous() for w in weights]
     outs = [x.new_empty(_packed_out_shape(x, w)) for w in weights]
     pointers = (ctypes.c_void_p * len(weights))
