@@ -323,12 +323,15 @@ class MoE(nn.Module):
             x, self.gate.weight, self.gate.e_score_correction_bias, c.num_experts_per_tok,
             c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor,
         )  # [T, k] fp32, [T, k]
-        e = self.experts
-        out = self.ops.experts(
-            x, ids, weights, e.gate_proj, e.up_proj, e.down_proj, e.scales, e.first_expert, self.ops.linear
-        )  # [T, D]
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        e, s = self.experts, self.shared_experts
+        args = (x, ids, weights, e.gate_proj, e.up_proj, e.down_proj, e.scales, e.first_expert, self.ops.linear)
+        if s is not None and self.ops.experts_shared is not None:  # both in one call
+            layers = (s.gate_proj, s.up_proj, s.down_proj)
+            return self.ops.experts_shared(*args, tuple(m.weight for m in layers),
+                                           tuple(m.weight_scale_inv for m in layers))  # fmt: skip
+        out = self.ops.experts(*args)  # [T, D]
+        if s is not None:
+            out = out + s(x)
         return out
 
 

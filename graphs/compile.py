@@ -58,19 +58,20 @@ from .step import MTPStepModule, StaticInputs, StepModule, cache_args, mtp_cache
 # (Ops.pack_linear) by a C++ kernel at any rows; unblocked, a fused matrix-vector loop for 1 row,
 # then a C++ kernel up to 512 rows, per-head ones at any), attention (dsa_cpu.sparse_mla: a C++ kernel) and the
 # indexer's top-k (dsa_cpu.indexer_topk: a C++ kernel for a BF16 index cache; skipped with its
-# queries in a step whose tokens all see at most index_topk keys: Ops.indexer_skips_short), and the
-# router (moe_cpu.route: a C++ kernel).
+# queries in a step whose tokens all see at most index_topk keys: Ops.indexer_skips_short), the
+# router (moe_cpu.route: a C++ kernel), and the shared expert inside the experts' kernel call
+# (moe_cpu.experts_shared).
 # Fast kernels take their places here.
 _BASE_NAMES = {"linear": "linear_ref", "route": "route_ref", "indexer_topk": "indexer_topk_ref",
                "sparse_mla": "sparse_mla_ref"}  # fmt: skip
 _GROUPED = (dataclasses.replace(REFERENCE, experts=moe.experts_grouped_mm), {**_BASE_NAMES, "experts": "experts_grouped_mm"})
 _CPU_BF16 = (dataclasses.replace(REFERENCE, linear=linear_cpu, linear_many=cpu_linear.linear_many_cpu,
-                                 route=moe_cpu.route, experts=moe_cpu.experts,
+                                 route=moe_cpu.route, experts=moe_cpu.experts, experts_shared=moe_cpu.experts_shared,
                                  sparse_mla=dsa_cpu.sparse_mla, indexer_topk=dsa_cpu.indexer_topk,
                                  pack_experts=moe_cpu.pack_experts, pack_linear=cpu_linear.pack_linear,
                                  indexer_skips_short=True),
              {**_BASE_NAMES, "linear": "cpu_linear.linear_cpu", "linear_many": "cpu_linear.linear_many_cpu",
-              "route": "moe_cpu.route", "experts": "moe_cpu.experts",
+              "route": "moe_cpu.route", "experts": "moe_cpu.experts", "experts_shared": "moe_cpu.experts_shared",
               "sparse_mla": "dsa_cpu.sparse_mla", "indexer_topk": "dsa_cpu.indexer_topk",
               "indexer_skips_short": "torch.cond"})  # fmt: skip
 _OPAQUE = (dataclasses.replace(REFERENCE, experts=moe.experts_op), {**_BASE_NAMES, "experts": "glm5c::moe_experts"})

@@ -56,6 +56,10 @@ class Ops:
     # linear layers reading the same x at once: (x, [(weight, scale_inv), ...]) -> [y, ...];
     # None: `linear` each
     linear_many: Callable[[Tensor, list[tuple[Tensor, Tensor | None]]], list[Tensor]] | None = None
+    # the routed experts and the shared expert in one call: experts' arguments, then the shared
+    # expert's (gate, up, down) weights and their scales -> routed + shared; None: `experts`, then
+    # the shared MLP
+    experts_shared: Callable[..., Tensor] | None = None
     # whether a compiled graph branches (torch.cond) around the indexer's queries and scores in a
     # step where no token sees more than index_topk keys (each then selects all it sees): a CPU's
     # graphs; not CUDA graphs, whose branch would need the host

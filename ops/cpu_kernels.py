@@ -35,7 +35,7 @@ from .cutlass.build import cache_dir
 SOURCES = {"kernels": Path(__file__).resolve().parent / "cpu" / "bf16_kernels.cpp",
            "ops": Path(__file__).resolve().parent / "cpu" / "bf16_ops.cpp"}  # fmt: skip
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 
 def _torch_flags() -> tuple[list[str], list[str]]:
@@ -144,6 +144,9 @@ def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     for fn in (lib.glm5c_moe_experts_bf16, lib.glm5c_moe_experts_packed_bf16):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    fn = lib.glm5c_moe_experts_shared_packed_bf16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6 + [ctypes.c_int]
     fn = lib.glm5c_linear_bf16
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8 + [ctypes.c_int] * 2

@@ -268,6 +268,92 @@ def test_packed_bad_input_is_named(portable_lib, monkeypatch):
                                                       up.data_ptr(), down.data_ptr(), x.data_ptr(), 3, 4, 96, 48, 16, 0, 1) == 3
 
 
+# ---- a shared expert in the packed kernel's call (moe_cpu.experts_shared) --------------------
+
+
+def _shared(hidden: int = 96, inter: int = 48, seed: int = 1):
+    """A shared expert's gate, up [I, D] and down [D, I] (plain), and blocked as pack_linear leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    plain = [(torch.randn(*s, generator=g) * 0.1).bfloat16() for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
+    return plain, [cpu_kernels.block_weight(w) for w in plain]
+
+
+def _alone(x, weights_blocked):
+    """The shared expert through the packed kernel alone: one expert every token chose with weight 1
+    (bf16(1 * bf16(row)) is the row), so exactly the kernel's own shared rows."""
+    ids = torch.zeros(x.shape[0], 1, dtype=torch.long)
+    one = torch.ones(x.shape[0], 1)
+    return moe_cpu.experts_packed_bf16(x, ids, one, *(w.unsqueeze(0) for w in weights_blocked), 0)
+
+
+@needs_bf16
+@pytest.mark.parametrize("tokens", [0, 1, 3, 16, 17, 40])
+def test_shared_expert_in_the_packed_call_adds_in_bf16(tokens):
+    """routed + shared, added in bf16 as MoE.forward adds them: to the bit the routed call plus the
+    shared expert run alone (threads taking whole experts up to 16 tokens, splitting blocks past),
+    and close to the MLP in torch (F.linear, silu) plus experts_ref."""
+    case = _case(tokens)
+    packed = _packed(case)
+    plain, blocked = _shared()
+    got = moe_cpu.experts_shared_packed_bf16(*packed, *blocked, 0)
+    assert torch.equal(got, torch.ops.glm5c.moe_experts_shared_packed_cpu(*packed, *blocked, 0))
+    x = case[0]
+    assert torch.equal(got, (moe_cpu.experts_packed_bf16(*packed, 0).float() + _alone(x, blocked).float()).bfloat16())
+    if tokens:
+        g, u, d = plain
+        F = torch.nn.functional
+        ref = moe.experts_ref(*case, NO_SCALES, 0, linear_ref) + F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+        assert (got.float() - ref.float()).abs().max() <= 0.02 * ref.float().abs().max()
+    if 0 < tokens <= 16:  # one thread splits blocks: the same result, and a token's does not depend on its batch
+        assert torch.equal(got, _packed_at_threads_shared(packed, blocked, 1))
+        alone = moe_cpu.experts_shared_packed_bf16(x[-1:], case[1][-1:], case[2][-1:], *packed[3:], *blocked, 0)
+        assert torch.equal(alone, got[-1:])
+
+
+def _packed_at_threads_shared(packed, blocked, threads: int) -> torch.Tensor:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return moe_cpu.experts_shared_packed_bf16(*packed, *blocked, 0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_bf16
+def test_experts_shared_takes_the_fused_op_where_it_fits():
+    """Ops.experts_shared: the fused op over blocked stacks and a shared expert of their size (in a
+    compiled graph too); otherwise the routed experts, then the shared MLP through `linear`."""
+    case = _case(6)
+    x, ids, weights, *stacks = _packed(case)
+    plain, blocked = _shared()
+
+    def layer(x, ids, weights):
+        return moe_cpu.experts_shared(x, ids, weights, *stacks, NO_SCALES, 0, linear_ref, tuple(blocked), NO_SCALES)
+
+    fused = moe_cpu.experts_shared_packed_bf16(x, ids, weights, *stacks, *blocked, 0)
+    assert torch.equal(layer(x, ids, weights), fused)
+    assert torch.equal(torch.compile(layer, fullgraph=True, dynamic=False)(x, ids, weights), fused)
+    # a shared expert of another size (two of them, as n_shared_experts = 2 gives): routed, then the MLP
+    wide_plain, _ = _shared(inter=96)
+    got = moe_cpu.experts_shared(*_packed(case), NO_SCALES, 0, linear_ref, tuple(wide_plain), NO_SCALES)
+    g, u, d = wide_plain
+    F = torch.nn.functional
+    want = moe_cpu.experts_packed_bf16(*_packed(case), 0) + F.linear(F.silu(F.linear(case[0], g)) * F.linear(case[0], u), d)
+    assert torch.equal(got, want)
+
+
+@needs_bf16
+def test_shared_bad_input_is_named():
+    x, ids, weights, *stacks = _packed(_case(3))
+    _, blocked = _shared()
+    with pytest.raises(ValueError, match="shared expert's gate .* are not one expert of gate_proj"):
+        moe_cpu.experts_shared_packed_bf16(x, ids, weights, *stacks, blocked[0], blocked[1], blocked[0], 0)
+    with pytest.raises(ValueError, match="shared_up is torch.float32"):
+        moe_cpu.experts_shared_packed_bf16(x, ids, weights, *stacks, blocked[0], blocked[1].float(), blocked[2], 0)
+    with pytest.raises(RuntimeError, match="moe_experts_shared_packed_cpu: shapes do not fit"):
+        torch.ops.glm5c.moe_experts_shared_packed_cpu(x, ids, weights, *stacks, blocked[0], blocked[1], blocked[0], 0)
+
+
 # ---- the router kernel ---------------------------------------------------------------------
 
 def _route_case(tokens: int, n_experts: int = 16, hidden: int = 72, seed: int = 0):

@@ -76,7 +76,7 @@ inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 // freed): the kernels run several times a layer every step, where fresh std::vectors cost an
 // allocation, a zeroing pass and a free each (the free of one over 64 KB makes malloc consolidate
 // its bins). One Use per array a thread holds at once; contents are undefined on return.
-enum class Use { x_pairs, act_pairs, act, acc, pair_rows, scores, probs, q_pairs };
+enum class Use { x_pairs, act_pairs, act, acc, pair_rows, scores, probs, q_pairs, shared_act };
 template <class T, Use use>
 T* scratch(size_t n) {
   thread_local std::vector<T> buffer;
@@ -809,10 +809,11 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // n_experts)), grouped by local expert, in token order within an expert: expert e's pairs are
 // [starts[e], starts[e + 1]), pair p belongs to token[p] with routing weight weight[p].
 struct ExpertPairs {
-  std::vector<int64_t> starts, token;
+  std::vector<int64_t> starts, token;  // starts: per group (the local experts, then a shared expert's)
   std::vector<float> weight;
+  int64_t shared_from;  // the first pair of the shared expert's group (every token, in order), or the pair count
   ExpertPairs(const int64_t* ids, const float* weights, int64_t tokens, int64_t top_k, int64_t n_experts,
-              int64_t first_expert)
+              int64_t first_expert, bool shared = false)
       : starts(n_experts + 1, 0) {
     for (int64_t p = 0; p < tokens * top_k; ++p) {
       const int64_t e = ids[p] - first_expert;
@@ -828,8 +829,13 @@ struct ExpertPairs {
       token[fill[e]] = p / top_k;
       weight[fill[e]++] = weights[p];
     }
+    shared_from = starts[n_experts];
+    if (shared) {
+      starts.push_back(shared_from + tokens);
+      for (int64_t t = 0; t < tokens; ++t) token.push_back(t), weight.push_back(1.f);
+    }
   }
-  // The next local expert after e with pairs (n_experts if none).
+  // The next group after e with pairs (the group count if none).
   int64_t next_chosen(int64_t e) const {
     const int64_t n_experts = int64_t(starts.size()) - 1;
     int64_t f = e + 1;
@@ -852,7 +858,7 @@ inline void to_bf16(const float* acc, int64_t n, uint16_t* out) {
 
 extern "C" {
 
-int glm5c_abi_version() { return 4; }
+int glm5c_abi_version() { return 5; }
 
 int glm5c_has_avx512bf16() { return GLM5C_DPBF16; }
 
@@ -972,6 +978,16 @@ int glm5c_moe_experts_bf16(const uint16_t* x, const int64_t* expert_ids, const f
 
 namespace {
 
+// The blocked weights of each group of ExpertPairs: local expert e's slices of the stacks, then the
+// shared expert's own matrices (group n_experts).
+struct ExpertWeights {
+  const uint16_t *gate, *up, *down, *shared_gate, *shared_up, *shared_down;
+  int64_t n_experts, gu_elems, d_elems;  // elements of one expert's gate (or up), and of its down
+  const uint16_t* g(int64_t e) const { return e < n_experts ? gate + e * gu_elems : shared_gate; }
+  const uint16_t* u(int64_t e) const { return e < n_experts ? up + e * gu_elems : shared_up; }
+  const uint16_t* d(int64_t e) const { return e < n_experts ? down + e * d_elems : shared_down; }
+};
+
 #if GLM5C_DPBF16
 // Whether threads take whole experts (experts_by_expert): every chosen expert has at most 16 rows
 // of x (one packed group: its weights' reads, not its products, bound it) and there are at least
@@ -998,13 +1014,17 @@ inline bool experts_whole(const ExpertPairs& pairs, int threads) {
 // block split, 2 threads: 1.09x as fast at 1 token, 1.01x at 4 and 16 in this VM's usual phase;
 // at 16 tokens 1.01-1.19x (median ~1.09x) while its two threads sat on different CCDs (a first
 // form); whole decode steps 1.5-2.5% shorter at 1, 4 and 16 requests, the same tokens
-// (results/2026-11-30-cpu-session7.md).
-inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const uint16_t* gate, const uint16_t* up,
-                              const uint16_t* down, uint16_t* out, int64_t tokens, int64_t hidden, int64_t inter,
-                              int threads) {
-  const int64_t n_experts = int64_t(pairs.starts.size()) - 1, n_pairs = int64_t(pairs.token.size());
-  std::vector<int64_t> chosen;
-  for (int64_t e = 0; e < n_experts; ++e)
+// (results/2026-11-30-cpu-session7.md). A shared expert (every token's) is not taken whole: the
+// threads split its blocks evenly, its gate and up before their routed experts, its down after a
+// barrier (its act complete), so a thread's routed share stays balanced by the rule above. (Taken
+// whole, as a 17th expert, mini's decode steps were 2% slower at 1 and 4 requests: five experts on
+// two threads.)
+inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const ExpertWeights& w, uint16_t* out,
+                              int64_t tokens, int64_t hidden, int64_t inter, int threads) {
+  const int64_t groups = int64_t(pairs.starts.size()) - 1, n_pairs = int64_t(pairs.token.size());
+  const bool shared = pairs.shared_from < n_pairs;
+  std::vector<int64_t> chosen;  // the routed experts with pairs (threads take them whole)
+  for (int64_t e = 0; e < groups - shared; ++e)
     if (pairs.starts[e + 1] > pairs.starts[e]) chosen.push_back(e);
   std::vector<int64_t> first(tokens + 1, 0), by_token(n_pairs);  // each token's pairs, in expert order
   for (int64_t p = 0; p < n_pairs; ++p) ++first[pairs.token[p] + 1];
@@ -1015,6 +1035,7 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
   }
   const int64_t tile_gu = hidden * 16, tile_d = inter * 16, gu_blocks = inter / 16, d_blocks = hidden / 16;
   float* rows = scratch<float, Use::pair_rows>(n_pairs * hidden);  // [pairs, D]: bf16(down rows . act), each written whole
+  uint16_t* shared_act = shared ? scratch<uint16_t, Use::shared_act>(tokens * inter) : nullptr;  // [T, I] bf16
 #pragma omp parallel num_threads(threads)
   {
     const int n = omp_get_num_threads(), t = omp_get_thread_num();
@@ -1031,14 +1052,28 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
     int32_t* av = scratch<int32_t, Use::act_pairs>(inter / 2 * 16);
     uint16_t* act = scratch<uint16_t, Use::act>(16 * inter);
     const uint16_t* xs[16];
+    // the shared expert (every token's, at most 16): threads split its blocks evenly, gate and up
+    // now, down once every thread's part of its act is in
+    const int64_t s0 = gu_blocks * t / n, s1 = gu_blocks * (t + 1) / n;
+    if (shared && s0 < s1) {
+      for (int64_t j = 0; j < tokens; ++j) xs[j] = x + j * hidden;
+      pack_pairs(xs, int(tokens), hidden, reinterpret_cast<float*>(xv), 16);
+      const uint16_t *g_s = w.g(groups - 1), *u_s = w.u(groups - 1);
+      __m512 yg[16], yu[16];
+      for (int64_t b = s0; b < s1; ++b) {
+        const uint16_t* next = b + 1 < s1 ? g_s + (b + 1) * tile_gu : c0 < c1 ? w.g(chosen[c0]) : u_s;
+        packed_tile_n(int(tokens), g_s + b * tile_gu, hidden / 2, xv, u_s + b * tile_gu, yg);
+        packed_tile_n(int(tokens), u_s + b * tile_gu, hidden / 2, xv, next, yu);
+        for (int64_t j = 0; j < tokens; ++j)
+          _mm256_storeu_si256((__m256i*)(shared_act + j * inter + 16 * b), expert_act16(yg[j], yu[j]));
+      }
+    }
     if (c0 < c1)  // the first gate tile, while x packs
-      for (int64_t l = 0; l < tile_gu; l += 32) _mm_prefetch((const char*)(gate + chosen[c0] * gu_blocks * tile_gu + l), _MM_HINT_T0);
+      for (int64_t l = 0; l < tile_gu; l += 32) _mm_prefetch((const char*)(w.g(chosen[c0]) + l), _MM_HINT_T0);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t e = chosen[c], p0 = pairs.starts[e], M = pairs.starts[e + 1] - p0;
-      const uint16_t* g_e = gate + e * gu_blocks * tile_gu;
-      const uint16_t* u_e = up + e * gu_blocks * tile_gu;
-      const uint16_t* d_e = down + e * d_blocks * tile_d;
-      const uint16_t* g_next = c + 1 < c1 ? gate + chosen[c + 1] * gu_blocks * tile_gu : d_e;
+      const uint16_t *g_e = w.g(e), *u_e = w.u(e), *d_e = w.d(e);
+      const uint16_t* g_next = c + 1 < c1 ? w.g(chosen[c + 1]) : d_e;
       for (int64_t j = 0; j < M; ++j) xs[j] = x + pairs.token[p0 + j] * hidden;
       pack_pairs(xs, int(M), hidden, reinterpret_cast<float*>(xv), 16);
       __m512 yg[16], yu[16];
@@ -1057,16 +1092,39 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
       }
     }
 #pragma omp barrier
-    // out[token] = bf16(its pairs' rows added in expert order, from zero); tokens split between the threads
+    if (shared) {  // the shared expert's down: threads split its blocks (output columns) evenly
+      const int64_t h0 = d_blocks * t / n, h1 = d_blocks * (t + 1) / n;
+      if (h0 < h1) {
+        for (int64_t j = 0; j < tokens; ++j) xs[j] = shared_act + j * inter;
+        pack_pairs(xs, int(tokens), inter, reinterpret_cast<float*>(av), 16);
+        const uint16_t* d_s = w.d(groups - 1);
+        __m512 y[16];
+        for (int64_t b = h0; b < h1; ++b) {
+          packed_tile_n(int(tokens), d_s + b * tile_d, inter / 2, av, b + 1 < h1 ? d_s + (b + 1) * tile_d : d_s, y);
+          for (int64_t j = 0; j < tokens; ++j)
+            _mm512_storeu_ps(rows + (pairs.shared_from + j) * hidden + 16 * b, round_bf16_16(y[j]));
+        }
+      }
+#pragma omp barrier
+    }
+    // out[token] = bf16(its routed pairs' rows added in expert order, from zero), then with a
+    // shared expert bf16(that + its row) (the routed and shared outputs added in bf16, as the
+    // model adds them); tokens split between the threads
     float* acc = scratch<float, Use::acc>(hidden);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < tokens; ++r) {
       std::fill(acc, acc + hidden, 0.f);
       for (int64_t q = first[r]; q < first[r + 1]; ++q) {
+        if (by_token[q] >= pairs.shared_from) continue;
         const float* row = rows + by_token[q] * hidden;
-        const float w = pairs.weight[by_token[q]];
+        const float weight = pairs.weight[by_token[q]];
         for (int64_t d = 0; d < hidden; d += 16)
-          _mm512_storeu_ps(acc + d, add_weighted(_mm512_loadu_ps(acc + d), w, _mm512_loadu_ps(row + d)));
+          _mm512_storeu_ps(acc + d, add_weighted(_mm512_loadu_ps(acc + d), weight, _mm512_loadu_ps(row + d)));
+      }
+      if (shared) {
+        const float* row = rows + (pairs.shared_from + r) * hidden;
+        for (int64_t d = 0; d < hidden; d += 16)
+          _mm512_storeu_ps(acc + d, _mm512_add_ps(round_bf16_16(_mm512_loadu_ps(acc + d)), _mm512_loadu_ps(row + d)));
       }
       to_bf16(acc, hidden, out + r * hidden);
     }
@@ -1082,23 +1140,34 @@ inline void experts_by_expert(const ExpertPairs& pairs, const uint16_t* x, const
 // the bit). Otherwise threads split each expert's blocks of 16 rows (each thread's share one contiguous
 // stream per matrix; 128 KB runs at mini's shapes on two threads, 16 KB on sixteen) and take every
 // chosen expert in turn, its rows of x packed once (16 at a time) and its tiles run as
-// packed_tile, each prefetching the tile read next. Returns 0, 1 when an argument is out of range,
-// 3 when built without AVX512-BF16 (callers pack only where glm5c_has_avx512bf16()).
-int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, const float* expert_weights,
-                                  const uint16_t* gate, const uint16_t* up, const uint16_t* down, uint16_t* out,
-                                  int64_t tokens, int64_t top_k, int64_t hidden, int64_t inter, int64_t n_experts,
-                                  int64_t first_expert, int threads) {
+// packed_tile, each prefetching the tile read next. With shared_gate, shared_up, shared_down (one
+// expert's blocked matrices, [I / 16, D / 2, 16, 2] and [D / 16, I / 2, 16, 2]; all or none) a
+// shared expert runs too, as one more expert that every token chose, and
+// out = bf16(routed + bf16(shared)): what adding the shared MLP's output to the routed experts' in
+// bf16 gives (MoE.forward), in one call: one parallel region and one pass over x for both.
+// Returns 0, 1 when an argument is out of range, 3 when built without AVX512-BF16 (callers pack
+// only where glm5c_has_avx512bf16()).
+int glm5c_moe_experts_shared_packed_bf16(const uint16_t* x, const int64_t* expert_ids, const float* expert_weights,
+                                         const uint16_t* gate, const uint16_t* up, const uint16_t* down,
+                                         const uint16_t* shared_gate, const uint16_t* shared_up,
+                                         const uint16_t* shared_down, uint16_t* out, int64_t tokens, int64_t top_k,
+                                         int64_t hidden, int64_t inter, int64_t n_experts, int64_t first_expert,
+                                         int threads) {
+  const bool shared = shared_gate != nullptr;
   if (tokens < 0 || top_k <= 0 || hidden <= 0 || inter <= 0 || n_experts <= 0 || threads <= 0 || hidden % 16 ||
-      inter % 16)
+      inter % 16 || (shared_up != nullptr) != shared || (shared_down != nullptr) != shared)
     return 1;
 #if GLM5C_DPBF16
-  const ExpertPairs pairs(expert_ids, expert_weights, tokens, top_k, n_experts, first_expert);
+  const ExpertPairs pairs(expert_ids, expert_weights, tokens, top_k, n_experts, first_expert, shared);
+  const ExpertWeights w{gate, up, down, shared_gate, shared_up, shared_down, n_experts, inter * hidden, hidden * inter};
   if (experts_whole(pairs, threads)) {
-    experts_by_expert(pairs, x, gate, up, down, out, tokens, hidden, inter, threads);
+    experts_by_expert(pairs, x, w, out, tokens, hidden, inter, threads);
     return 0;
   }
+  const int64_t groups = int64_t(pairs.starts.size()) - 1;
   std::vector<uint16_t> act(pairs.token.size() * inter);  // [pairs, I] bf16, pairs grouped by expert
   std::vector<float> acc(tokens * hidden, 0.f);  // [T, D] fp32
+  std::vector<float> shared_rows(shared ? tokens * hidden : 0);  // [T, D] the shared expert's, bf16 values
   // One pass over the chosen experts, this thread's blocks [b0, b1) of `blocks` per expert, K the
   // weights' row length: tiles(e, b) -> the tiles of block b of expert e (1 or 2, run one after
   // the other, `count` of them), emit(p, b, y) -> y[t] lane i: tile t's row i against pair p's x.
@@ -1112,13 +1181,13 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
     const int64_t K2 = K / 2;
     std::vector<const uint16_t*> xs;
     std::vector<int32_t> xv;
-    if (const int64_t f = pairs.next_chosen(-1); f < n_experts) {  // the first chosen expert's tiles, while its x packs
+    if (const int64_t f = pairs.next_chosen(-1); f < groups) {  // the first chosen expert's tiles, while its x packs
       const uint16_t* first[2];
       tiles(f, b0, first);
       for (int t = 0; t < count; ++t)
         for (int64_t l = 0; l < K2 * 32; l += 32) _mm_prefetch((const char*)(first[t] + l), _MM_HINT_T0);
     }
-    for (int64_t e = 0; e < n_experts; ++e) {
+    for (int64_t e = 0; e < groups; ++e) {
       const int64_t p0 = pairs.starts[e], n = pairs.starts[e + 1] - p0, f = pairs.next_chosen(e);
       if (n == 0) continue;
       const int64_t groups = (n + 15) / 16;
@@ -1133,7 +1202,7 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
         tiles(e, b, mine);
         if (b + 1 < b1)
           tiles(e, b + 1, later);
-        else if (f < n_experts)
+        else if (f < groups)
           tiles(f, b0, later);
         else
           later[0] = later[1] = mine[0];
@@ -1153,26 +1222,44 @@ int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, 
 #pragma omp parallel num_threads(threads)
   pass(inter / 16, hidden, 2, [&](int64_t p) { return x + pairs.token[p] * hidden; },
        [&](int64_t e, int64_t b, const uint16_t** t) {
-         t[0] = gate + (e * (inter / 16) + b) * tile_gu;
-         t[1] = up + (e * (inter / 16) + b) * tile_gu;
+         t[0] = w.g(e) + b * tile_gu;
+         t[1] = w.u(e) + b * tile_gu;
        },
        [&](int64_t p, int64_t b, __m512 g, __m512 u) {
          _mm256_storeu_si256((__m256i*)(act.data() + p * inter + 16 * b), expert_act16(g, u));
        });
-  // Pass 2: block b's 16 down rows -> the fp32 sums acc[t, 16 b : 16 b + 16], in expert order.
+  // Pass 2: block b's 16 down rows -> the fp32 sums acc[t, 16 b : 16 b + 16], in expert order
+  // (the shared expert's rows to shared_rows).
 #pragma omp parallel num_threads(threads)
   pass(hidden / 16, inter, 1, [&](int64_t p) { return (const uint16_t*)act.data() + p * inter; },
-       [&](int64_t e, int64_t b, const uint16_t** t) { t[0] = t[1] = down + (e * (hidden / 16) + b) * tile_d; },
+       [&](int64_t e, int64_t b, const uint16_t** t) { t[0] = t[1] = w.d(e) + b * tile_d; },
        [&](int64_t p, int64_t b, __m512 y, __m512) {
+         if (p >= pairs.shared_from) {
+           _mm512_storeu_ps(shared_rows.data() + pairs.token[p] * hidden + 16 * b, round_bf16_16(y));
+           return;
+         }
          float* a = acc.data() + pairs.token[p] * hidden + 16 * b;
          _mm512_storeu_ps(a, add_weighted(_mm512_loadu_ps(a), pairs.weight[p], round_bf16_16(y)));
        });
+  if (shared)
+    for (int64_t k = 0; k < tokens * hidden; k += 16)
+      _mm512_storeu_ps(acc.data() + k, _mm512_add_ps(round_bf16_16(_mm512_loadu_ps(acc.data() + k)),
+                                                     _mm512_loadu_ps(shared_rows.data() + k)));
   to_bf16(acc.data(), tokens * hidden, out);
   return 0;
 #else
   (void)x, (void)expert_ids, (void)expert_weights, (void)gate, (void)up, (void)down, (void)out, (void)first_expert;
   return 3;
 #endif
+}
+
+// glm5c_moe_experts_shared_packed_bf16 without a shared expert.
+int glm5c_moe_experts_packed_bf16(const uint16_t* x, const int64_t* expert_ids, const float* expert_weights,
+                                  const uint16_t* gate, const uint16_t* up, const uint16_t* down, uint16_t* out,
+                                  int64_t tokens, int64_t top_k, int64_t hidden, int64_t inter, int64_t n_experts,
+                                  int64_t first_expert, int threads) {
+  return glm5c_moe_experts_shared_packed_bf16(x, expert_ids, expert_weights, gate, up, down, nullptr, nullptr, nullptr,
+                                              out, tokens, top_k, hidden, inter, n_experts, first_expert, threads);
 }
 
 // out [T, H, N] bf16 (contiguous) = per head h: x[:, h] @ W_h^T, fp32 accumulation (H = 1: a

@@ -95,10 +95,13 @@ std::vector<at::Tensor> linear_packed_multi_cpu(const at::Tensor& x_, at::Tensor
 }
 
 // moe_experts_cpu, and moe_experts_packed_cpu over blocked stacks (ops/cpu_kernels.py:
-// block_weight): gate_proj, up_proj [E, I / 16, D / 2, 16, 2], down_proj [E, D / 16, I / 2, 16, 2].
+// block_weight): gate_proj, up_proj [E, I / 16, D / 2, 16, 2], down_proj [E, D / 16, I / 2, 16, 2];
+// with `shared` (gate, up, down: one expert's blocked matrices, [I / 16, D / 2, 16, 2] and
+// [D / 16, I / 2, 16, 2]) moe_experts_shared_packed_cpu: routed + shared in bf16.
 at::Tensor experts(bool blocked, const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
-                   const at::Tensor& gate_, const at::Tensor& up_, const at::Tensor& down_, int64_t first_expert) {
-  const char* op = blocked ? "moe_experts_packed_cpu" : "moe_experts_cpu";
+                   const at::Tensor& gate_, const at::Tensor& up_, const at::Tensor& down_, int64_t first_expert,
+                   const at::Tensor* shared = nullptr) {
+  const char* op = shared ? "moe_experts_shared_packed_cpu" : blocked ? "moe_experts_packed_cpu" : "moe_experts_cpu";
   const int64_t dims = blocked ? 5 : 3;
   check(op, "x", x_, at::kBFloat16, 2);
   check(op, "expert_ids", ids_, at::kLong, 2);
@@ -106,22 +109,36 @@ at::Tensor experts(bool blocked, const at::Tensor& x_, const at::Tensor& ids_, c
   check(op, "gate_proj", gate_, at::kBFloat16, dims);
   check(op, "up_proj", up_, at::kBFloat16, dims);
   check(op, "down_proj", down_, at::kBFloat16, dims);
+  const char* shared_names[3] = {"shared_gate", "shared_up", "shared_down"};
+  for (int i = 0; shared && i < 3; ++i) check(op, shared_names[i], shared[i], at::kBFloat16, 4);
   const int64_t tokens = x_.size(0), hidden = x_.size(1), n = gate_.size(0), inter = gate_.size(1) * (blocked ? 16 : 1);
   const bool stacks_fit = blocked ? gate_.sizes() == at::IntArrayRef({n, inter / 16, hidden / 2, 16, 2}) &&
                                         down_.sizes() == at::IntArrayRef({n, hidden / 16, inter / 2, 16, 2}) &&
                                         hidden % 16 == 0
                                   : gate_.sizes() == at::IntArrayRef({n, inter, hidden}) &&
                                         down_.sizes() == at::IntArrayRef({n, hidden, inter});
-  TORCH_CHECK(ids_.size(0) == tokens && weights_.sizes() == ids_.sizes() && up_.sizes() == gate_.sizes() && stacks_fit,
+  const bool shared_fits = !shared || (shared[0].sizes() == gate_.sizes().slice(1) &&
+                                       shared[1].sizes() == gate_.sizes().slice(1) &&
+                                       shared[2].sizes() == down_.sizes().slice(1));
+  TORCH_CHECK(ids_.size(0) == tokens && weights_.sizes() == ids_.sizes() && up_.sizes() == gate_.sizes() && stacks_fit &&
+                  shared_fits,
               op, ": shapes do not fit: x ", x_.sizes(), ", expert_ids ", ids_.sizes(), ", expert_weights ",
               weights_.sizes(), ", gate_proj ", gate_.sizes(), ", up_proj ", up_.sizes(), ", down_proj ",
-              down_.sizes());
+              down_.sizes(), shared ? ", shared expert " : "", shared ? shared[0].sizes() : at::IntArrayRef(), " ",
+              shared ? shared[1].sizes() : at::IntArrayRef(), " ", shared ? shared[2].sizes() : at::IntArrayRef());
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), w = weights_.contiguous();
   const at::Tensor gate = gate_.contiguous(), up = up_.contiguous(), down = down_.contiguous();
+  at::Tensor s[3];
+  for (int i = 0; shared && i < 3; ++i) s[i] = shared[i].contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
-  int rc = (blocked ? glm5c_moe_experts_packed_bf16 : glm5c_moe_experts_bf16)(
-      bf16_in(x), ids.const_data_ptr<int64_t>(), w.const_data_ptr<float>(), bf16_in(gate), bf16_in(up),
-      bf16_in(down), bf16_out(out), tokens, ids.size(1), hidden, inter, n, first_expert, at::get_num_threads());
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  const float* wt = w.const_data_ptr<float>();
+  int rc = blocked ? glm5c_moe_experts_shared_packed_bf16(
+                         bf16_in(x), id, wt, bf16_in(gate), bf16_in(up), bf16_in(down), shared ? bf16_in(s[0]) : nullptr,
+                         shared ? bf16_in(s[1]) : nullptr, shared ? bf16_in(s[2]) : nullptr, bf16_out(out), tokens,
+                         ids.size(1), hidden, inter, n, first_expert, at::get_num_threads())
+                   : glm5c_moe_experts_bf16(bf16_in(x), id, wt, bf16_in(gate), bf16_in(up), bf16_in(down), bf16_out(out),
+                                            tokens, ids.size(1), hidden, inter, n, first_expert, at::get_num_threads());
   TORCH_CHECK(rc == 0, op, ": the kernel rejected its arguments (code ", rc, ")");
   return out;
 }
@@ -135,6 +152,14 @@ at::Tensor moe_experts_packed_cpu(const at::Tensor& x, const at::Tensor& ids, co
                                   const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
                                   int64_t first_expert) {
   return experts(true, x, ids, weights, gate, up, down, first_expert);
+}
+
+at::Tensor moe_experts_shared_packed_cpu(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                                         const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down,
+                                         const at::Tensor& shared_gate, const at::Tensor& shared_up,
+                                         const at::Tensor& shared_down, int64_t first_expert) {
+  const at::Tensor shared[3] = {shared_gate, shared_up, shared_down};
+  return experts(true, x, ids, weights, gate, up, down, first_expert, shared);
 }
 
 at::Tensor sparse_mla_cpu(const at::Tensor& q_, const at::Tensor& kv_, const at::Tensor& indices_,
@@ -221,6 +246,7 @@ TORCH_LIBRARY_IMPL(glm5c, CPU, m) {
   m.impl("linear_packed_multi_cpu", &linear_packed_multi_cpu);
   m.impl("moe_experts_cpu", &moe_experts_cpu);
   m.impl("moe_experts_packed_cpu", &moe_experts_packed_cpu);
+  m.impl("moe_experts_shared_packed_cpu", &moe_experts_shared_packed_cpu);
   m.impl("route_cpu", &route_cpu);
   m.impl("sparse_mla_cpu", &sparse_mla_cpu);
 }
