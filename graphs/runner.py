@@ -57,6 +57,9 @@ class GraphRunner:
             self._inputs |= {("mtp", t): StaticInputs(t, self.max_blocks, device, hidden) for t in self.buckets.sizes}
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self._graph_cache: KVCache | None = None
+        self._checked_cache: KVCache | None = None
+        self._flat_cache: KVCache | None = None
+        self._flat_cache_args: dict[str, tuple[Tensor, ...]] = {}
 
     def _load(self, bucket, named: dict[str, Tensor]):
         try:
@@ -110,27 +113,26 @@ class GraphRunner:
         """-> hidden [batch.num_tokens, D], as `model(batch, cache)` computes it."""
         return self._step("step", batch, cache)
 
-    def stage(self, chunks: Sequence[SeqChunk], cache: KVCache) -> tuple[tuple[str, int], int, int]:
+    def stage(self, chunks: Sequence[SeqChunk], cache: KVCache) -> tuple[tuple[str, int], int]:
         """A step's first half: the chunks laid out in their bucket's buffers (on a CPU straight from
         the chunks: StaticInputs.fill_chunks), as self(build_step_batch(chunks, ...)) lays them out.
-        -> what run_staged takes: (bucket key, tokens, block-table width)."""
+        -> what run_staged takes: (bucket key, tokens)."""
         self._check_cache(cache)
         tokens = sum(len(c.token_ids) for c in chunks)
         key = ("step", self.buckets.pick(tokens))
         if self.device.type == "cuda":
             self._inputs[key].fill(build_step_batch(chunks, self.block_size, cache.pad_slot, self.device),
                                    cache.pad_slot, self.block_size)  # fmt: skip
-            return key, tokens, self.max_blocks
-        self._inputs[key].fill_chunks(chunks, self.block_size, cache.pad_slot)
-        width = max(self.manifest.min_table_blocks, max((len(c.block_table) for c in chunks), default=1))
-        return key, tokens, width
+        else:
+            self._inputs[key].fill_chunks(chunks, self.block_size, cache.pad_slot, self.manifest.min_table_blocks)
+        return key, tokens
 
-    def run_staged(self, staged: tuple[tuple[str, int], int, int], cache: KVCache) -> Tensor:
+    def run_staged(self, staged: tuple[tuple[str, int], int], cache: KVCache) -> Tensor:
         """A step's second half: its graph over the staged buffers -> hidden [tokens, D]."""
-        key, tokens, width = staged
+        key, tokens = staged
         if self.device.type == "cuda":
             return self._replay(key, cache)[:tokens]
-        return self._run(key, self._cache_args("step", cache), width)[:tokens]
+        return self._run(key, cache)[:tokens]
 
     def mtp(self, batch: StepBatch, cache: KVCache, hidden: Tensor) -> Tensor:
         """-> the MTP layer's hidden states [batch.num_tokens, D], as `model.mtp_hidden` computes them."""
@@ -139,31 +141,41 @@ class GraphRunner:
         return self._step("mtp", batch, cache, hidden)
 
     def _check_cache(self, cache: KVCache) -> None:
+        if cache is self._checked_cache:  # (every step's: checked once)
+            return
         if cache.block_size != self.block_size:
             raise ValueError(f"cache block size {cache.block_size} != the artifacts' {self.block_size}")
         if cache.index_k[0].dtype != self.index_dtype:
             raise ValueError(f"cache index keys are {cache.index_k[0].dtype}, the artifacts read {self.index_dtype}")
+        self._checked_cache = cache
 
     def _step(self, kind: str, batch: StepBatch, cache: KVCache, hidden: Tensor | None = None) -> Tensor:
         self._check_cache(cache)
         key = (kind, self.buckets.pick(batch.num_tokens))
         inputs = self._inputs[key]
-        inputs.fill(batch, cache.pad_slot, self.block_size, hidden)
         if self.device.type == "cuda":
+            inputs.fill(batch, cache.pad_slot, self.block_size, hidden)
             return self._replay(key, cache)[: batch.num_tokens]
+        # a CPU reads only as far as the step's longest sequence (CUDA graphs were captured at full width)
         width = max(self.manifest.min_table_blocks, batch.block_tables.shape[1])
-        return self._run(key, self._cache_args(kind, cache), width)[: batch.num_tokens]
+        inputs.fill(batch, cache.pad_slot, self.block_size, hidden, width)
+        return self._run(key, cache)[: batch.num_tokens]
 
-    def _cache_args(self, kind: str, cache: KVCache) -> tuple[list[Tensor], ...]:
-        layers = self.model.config.num_hidden_layers
-        return cache_args(cache, layers) if kind == "step" else mtp_cache_args(cache, layers)
+    def _cache_args(self, kind: str, cache: KVCache) -> tuple[Tensor, ...]:
+        """The cache's tensors a `kind` graph takes, flat in its argument order (kept per cache)."""
+        if self._flat_cache is not cache:
+            self._flat_cache, self._flat_cache_args = cache, {}
+        flat = self._flat_cache_args.get(kind)
+        if flat is None:
+            make = cache_args if kind == "step" else mtp_cache_args
+            flat = self._flat_cache_args[kind] = tuple(t for part in make(cache, self.model.config.num_hidden_layers)
+                                                       for t in part)  # fmt: skip
+        return flat
 
-    def _run(self, key: tuple[str, int], caches: tuple[list[Tensor], ...], width: int | None = None) -> Tensor:
+    def _run(self, key: tuple[str, int], cache: KVCache) -> Tensor:
         """Call the package's loader with the inputs flat, in StepModule's (or MTPStepModule's)
-        order. `width`: block-table columns to pass (a CPU reads only as far as the step's longest
-        sequence; CUDA graphs were captured at full width)."""
-        args = [*self._inputs[key].args(width), *(t for c in caches for t in c)]
-        return self._packages[key].boxed_run(args)[0]
+        order: the bucket's buffers as the last fill laid them out, then the cache's tensors."""
+        return self._packages[key].boxed_run([*self._inputs[key].args(), *self._cache_args(key[0], cache)])[0]
 
     def _replay(self, key: tuple[str, int], cache: KVCache) -> Tensor:
         """CUDA graphs read fixed addresses: the engine captures every bucket against its cache at
@@ -183,16 +195,15 @@ class GraphRunner:
         stream = torch.cuda.Stream(self.device)
         # largest first, so smaller ones reuse its pool; MTP graphs after the main ones
         for key in sorted(self._packages, key=lambda k: (k[0] != "step", -k[1])):
-            caches = self._cache_args(key[0], cache)
             if key != keep:
                 self._inputs[key].clear(cache.pad_slot, self.block_size)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._run(key, caches)  # warm up outside the graph
+                self._run(key, cache)  # warm up outside the graph
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._run(key, caches)
+                out = self._run(key, cache)
             self._graphs[key] = (graph, out)
         self._graph_cache = cache
 

@@ -103,33 +103,60 @@ class StaticInputs:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         self.token_ids, self.positions, self.seq_ids, self.slot_mapping = (buf(tokens) for _ in range(4))
-        self.block_tables = buf(tokens + 1, max_blocks, dtype=torch.int32)
+        # block tables [tokens + 1, width] at the start of one flat buffer, so a table only as wide
+        # as a step's longest sequence (a CPU graph's dynamic width) is a view, not a copy
+        self._tables = buf((tokens + 1) * max_blocks, dtype=torch.int32)
         self.seq_lens = buf(tokens + 1, dtype=torch.int32)
-        # numpy views of a CPU's buffers (fill writes through them)
-        self._host = None
+        self.hidden = buf(tokens, hidden[0], dtype=hidden[1]) if hidden else None
+        self._views: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}  # width -> (tables, the graph's args)
+        self._host = None  # numpy views of a CPU's buffers (fill writes through them)
         if self.token_ids.device.type == "cpu":
             ints = [t.numpy() for t in (self.token_ids, self.positions, self.seq_ids, self.slot_mapping)]
-            self._host = (ints, self.block_tables.numpy(), self.seq_lens.numpy())
-        self.hidden = buf(tokens, hidden[0], dtype=hidden[1]) if hidden else None
+            self._host = (ints, self._tables.numpy(), self.seq_lens.numpy())
+        self.width = max_blocks  # of the tables the last fill wrote (args() passes them)
 
-    def fill(self, batch: StepBatch, pad_slot: int, block_size: int, hidden: Tensor | None = None) -> None:
+    @property
+    def block_tables(self) -> Tensor:
+        """[tokens + 1, width] int32: each sequence row's blocks, as the last fill wrote them."""
+        return self._view(self.width)[0]
+
+    def _view(self, width: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        view = self._views.get(width)
+        if view is None:
+            tables = self._tables[: (self.tokens + 1) * width].view(self.tokens + 1, width)
+            args = (self.token_ids, self.positions, self.seq_ids, self.slot_mapping, tables, self.seq_lens)
+            view = self._views[width] = (tables, args if self.hidden is None else (*args, self.hidden))
+        return view
+
+    def _set_width(self, width: int) -> None:
+        if not 1 <= width <= self.max_blocks:
+            raise ValueError(f"block tables {width} blocks wide do not fit a bucket of {self.max_blocks} blocks")
+        self.width = width
+
+    def fill(self, batch: StepBatch, pad_slot: int, block_size: int, hidden: Tensor | None = None,
+             width: int | None = None) -> None:  # fmt: skip
+        """Copy `batch` in and pad the rest. `width`: the block tables' columns to lay out (the
+        graph's input; default all max_blocks, as a CUDA graph is captured), >= the batch's."""
         n, rows = batch.num_tokens, batch.block_tables.shape[0]
-        width = batch.block_tables.shape[1]
-        if n > self.tokens or rows > self.tokens or width > self.max_blocks:
+        used = batch.block_tables.shape[1]
+        width = self.max_blocks if width is None else width
+        if n > self.tokens or rows > self.tokens or used > min(width, self.max_blocks):
             raise ValueError(
-                f"step of {n} tokens, {rows} sequences and {width} blocks per sequence does not fit a bucket of "
-                f"{self.tokens} tokens and {self.max_blocks} blocks"
+                f"step of {n} tokens, {rows} sequences and {used} blocks per sequence does not fit a bucket of "
+                f"{self.tokens} tokens and {min(width, self.max_blocks)} blocks"
             )
+        self._set_width(width)
         # padding tokens (a step that fills its bucket, as decodes often do, pads none) write only
         # the scratch slot and belong to the first unused row: all scratch blocks
         pads = (0, 0, rows, pad_slot)
         if self._host is not None:  # a CPU's buffers, through numpy: a third of torch's time per copy
-            ints, tables, lens = self._host
+            ints, flat, lens = self._host
+            tables = flat[: (self.tokens + 1) * width].reshape(self.tokens + 1, width)
             for i, name in enumerate(("token_ids", "positions", "seq_ids", "slot_mapping")):
                 ints[i][:n] = getattr(batch, name).numpy()
                 ints[i][n:] = pads[i]
             tables.fill(pad_slot // block_size)
-            tables[:rows, :width] = batch.block_tables.numpy()
+            tables[:rows, :used] = batch.block_tables.numpy()
             lens.fill(1)
             lens[:rows] = batch.seq_lens.numpy()
         else:
@@ -137,8 +164,9 @@ class StaticInputs:
                 getattr(self, name)[:n].copy_(getattr(batch, name))
                 if n < self.tokens:
                     getattr(self, name)[n:] = pad
-            self.block_tables.fill_(pad_slot // block_size)
-            self.block_tables[:rows, :width].copy_(batch.block_tables)
+            tables = self.block_tables
+            tables.fill_(pad_slot // block_size)
+            tables[:rows, :used].copy_(batch.block_tables)
             self.seq_lens.fill_(1)
             self.seq_lens[:rows].copy_(batch.seq_lens)
         if self.hidden is not None:
@@ -146,16 +174,25 @@ class StaticInputs:
             if n < self.tokens:
                 self.hidden[n:] = 0
 
-    def fill_chunks(self, chunks: Sequence[SeqChunk], block_size: int, pad_slot: int) -> int:
-        """What fill(build_step_batch(chunks, ...)) writes, laid out from the chunks straight into a
-        CPU's buffers (no StepBatch tensors between: in a 16-request decode step right after a
-        graph, with its caches cold, ~105 -> ~45 us on the 2-core dev machine). -> tokens laid out."""
+    def fill_chunks(self, chunks: Sequence[SeqChunk], block_size: int, pad_slot: int, min_width: int = 1) -> int:
+        """What fill(build_step_batch(chunks, ...), width=...) writes, laid out from the chunks
+        straight into a CPU's buffers (no StepBatch tensors between: in a 16-request decode step
+        right after a graph, with its caches cold, ~105 -> ~45 us on the 2-core dev machine), the
+        block tables as wide as the longest sequence's, at least `min_width`. -> tokens laid out."""
         if self._host is None:
             raise RuntimeError("fill_chunks writes a CPU's buffers; fill a GPU's from a StepBatch")
-        ints, tables, lens = self._host
-        rows, tokens = len(chunks), sum(len(c.token_ids) for c in chunks)
+        ints, flat, lens = self._host
+        rows, tokens, longest = len(chunks), 0, 1
+        for c in chunks:
+            tokens += len(c.token_ids)
+            longest = max(longest, len(c.block_table))
         if rows > self.tokens or tokens > self.tokens:
             raise ValueError(f"step of {tokens} tokens from {rows} sequences does not fit a bucket of {self.tokens} tokens")
+        width = max(min_width, longest)
+        if width > self.max_blocks:
+            raise ValueError(f"a sequence has {longest} blocks, more than max_blocks={self.max_blocks}")
+        self._set_width(width)
+        tables = flat[: (self.tokens + 1) * width].reshape(self.tokens + 1, width)
         tables.fill(pad_slot // block_size)
         lens.fill(1)
         n = lay_out(chunks, block_size, ints, tables, lens)
@@ -164,17 +201,18 @@ class StaticInputs:
         return n
 
     def clear(self, pad_slot: int, block_size: int) -> None:
-        """Inputs of no real token: every token pads (writes only the scratch slot, reads only scratch blocks)."""
+        """Inputs of no real token at full width: every token pads (writes only the scratch slot,
+        reads only scratch blocks)."""
         for t in (self.token_ids, self.positions, self.seq_ids):
             t.zero_()
         self.slot_mapping.fill_(pad_slot)
-        self.block_tables.fill_(pad_slot // block_size)
+        self._set_width(self.max_blocks)
+        self._tables.fill_(pad_slot // block_size)
         self.seq_lens.fill_(1)
         if self.hidden is not None:
             self.hidden.zero_()
 
-    def args(self, width: int | None = None) -> tuple[Tensor, ...]:
-        """The graph's inputs; `width`: pass only the first `width` columns of the block tables."""
-        tables = self.block_tables if width is None else self.block_tables[:, :width].contiguous()
-        args = (self.token_ids, self.positions, self.seq_ids, self.slot_mapping, tables, self.seq_lens)
-        return args if self.hidden is None else (*args, self.hidden)
+    def args(self) -> tuple[Tensor, ...]:
+        """The graph's inputs, the block tables as wide as the last fill laid them out (the same
+        tensors each time for a width: no copies)."""
+        return self._view(self.width)[1]

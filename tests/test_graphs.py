@@ -166,7 +166,7 @@ def test_cleared_inputs_touch_only_the_scratch_block(compiled):
     for key in sorted(runner._packages):
         runner._inputs[key].clear(cache.pad_slot, runner.block_size)
         with torch.inference_mode():
-            runner._run(key, runner._cache_args(key[0], cache))
+            runner._run(key, cache)
     after = [t[:-1] for t in cache.latent + [k for k in cache.index_k if k is not None]]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -265,14 +265,22 @@ def test_chunks_fill_the_buffers_as_their_batch_does():
         a, b = StaticInputs(8, 6, "cpu"), StaticInputs(8, 6, "cpu")
         for t in (*b.args(), ):  # stale contents: fill_chunks must overwrite all
             t.fill_(77)
-        a.fill(build_step_batch(chunks, bs, pad_slot), pad_slot, bs)
+        batch = build_step_batch(chunks, bs, pad_slot)
+        a.fill(batch, pad_slot, bs, width=batch.block_tables.shape[1])
         assert b.fill_chunks(chunks, bs, pad_slot) == sum(len(c.token_ids) for c in chunks)
         for x, y in zip(a.args(), b.args()):
             assert torch.equal(x, y)
+        a.fill(batch, pad_slot, bs, width=5)  # wider than the longest table: scratch blocks after it
+        assert b.fill_chunks(chunks, bs, pad_slot, min_width=5) == sum(len(c.token_ids) for c in chunks)
+        for x, y in zip(a.args(), b.args()):
+            assert torch.equal(x, y)
+        assert a.args()[4].shape == (9, 5) and a.args()[4].is_contiguous()
     with pytest.raises(ValueError, match="sequence 0 needs 9 cache slots but has 2 blocks"):
         StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk([1], 8, [0, 1])], bs, pad_slot)
     with pytest.raises(ValueError, match="does not fit a bucket of 8 tokens"):
         StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk(list(range(9)), 0, [0, 1, 2])], bs, pad_slot)
+    with pytest.raises(ValueError, match="7 blocks, more than max_blocks=6"):
+        StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk([1], 0, list(range(7)))], bs, pad_slot)
 
 
 def test_step_larger_than_the_largest_bucket_is_an_error(compiled):
@@ -351,6 +359,7 @@ def test_bf16_cpu_graphs_pick_their_ops_per_bucket(tiny_dir, tmp_path):
     manifest = compile_artifacts(tiny_dir, out, Buckets((2, 128)), dtype="bfloat16", block_size=4, max_model_len=160,
                                  progress=lambda _: None)  # fmt: skip
     assert manifest.ops["experts"] == "moe_cpu.experts" and manifest.ops["linear"] == "cpu_linear.linear_cpu" and manifest.dtype == "bfloat16"
+    assert manifest.ops["experts_shared"] == "moe_cpu.experts_shared"  # tiny's shared expert: inside the experts' call
     compiled = LLM(tiny_dir, dtype="bfloat16", artifacts=out)
     eager_model = LLM(tiny_dir, dtype="bfloat16", ops=ops_for("cpu", "bfloat16")[0]).model
     runner = compiled.runner
