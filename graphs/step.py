@@ -128,6 +128,10 @@ class StaticInputs:
             view = self._views[width] = (tables, args if self.hidden is None else (*args, self.hidden))
         return view
 
+    def _host_tables(self, width: int):
+        """The numpy view fill writes a CPU's [tokens + 1, width] block tables through."""
+        return self._host[1][: (self.tokens + 1) * width].reshape(self.tokens + 1, width)
+
     def _set_width(self, width: int) -> None:
         if not 1 <= width <= self.max_blocks:
             raise ValueError(f"block tables {width} blocks wide do not fit a bucket of {self.max_blocks} blocks")
@@ -150,8 +154,8 @@ class StaticInputs:
         # the scratch slot and belong to the first unused row: all scratch blocks
         pads = (0, 0, rows, pad_slot)
         if self._host is not None:  # a CPU's buffers, through numpy: a third of torch's time per copy
-            ints, flat, lens = self._host
-            tables = flat[: (self.tokens + 1) * width].reshape(self.tokens + 1, width)
+            ints, _, lens = self._host
+            tables = self._host_tables(width)
             for i, name in enumerate(("token_ids", "positions", "seq_ids", "slot_mapping")):
                 ints[i][:n] = getattr(batch, name).numpy()
                 ints[i][n:] = pads[i]
@@ -181,7 +185,7 @@ class StaticInputs:
         block tables as wide as the longest sequence's, at least `min_width`. -> tokens laid out."""
         if self._host is None:
             raise RuntimeError("fill_chunks writes a CPU's buffers; fill a GPU's from a StepBatch")
-        ints, flat, lens = self._host
+        ints, _, lens = self._host
         rows, tokens, longest = len(chunks), 0, 1
         for c in chunks:
             tokens += len(c.token_ids)
@@ -192,7 +196,7 @@ class StaticInputs:
         if width > self.max_blocks:
             raise ValueError(f"a sequence has {longest} blocks, more than max_blocks={self.max_blocks}")
         self._set_width(width)
-        tables = flat[: (self.tokens + 1) * width].reshape(self.tokens + 1, width)
+        tables = self._host_tables(width)
         tables.fill(pad_slot // block_size)
         lens.fill(1)
         n = lay_out(chunks, block_size, ints, tables, lens)

@@ -137,6 +137,16 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def blocked_kernels(op: str) -> ctypes.CDLL:
+    """The kernels' library, which blocked weights (block_weight) need built with AVX512-BF16:
+    else a clear error naming `op`."""
+    lib = load()
+    if lib is None or not lib.glm5c_has_avx512bf16():
+        raise RuntimeError(f"{op}: blocked weights need the kernel built with AVX512-BF16; "
+                           "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
+    return lib
+
+
 def open_library(path: str | os.PathLike) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     if lib.glm5c_abi_version() != ABI_VERSION:

@@ -122,21 +122,12 @@ def _check_packed(op: str, x: Tensor, weight: Tensor) -> None:
                          "for weight [out / 16, in / 2, 16, 2] or x [T, H, in] for [H, out / 16, in / 2, 16, 2]")  # fmt: skip
 
 
-def _packed_kernels(op: str):
-    """The kernels' library, which blocked weights need built with AVX512-BF16."""
-    lib = cpu_kernels.load()
-    if lib is None or not lib.glm5c_has_avx512bf16():
-        raise RuntimeError(f"{op}: blocked weights need the kernel built with AVX512-BF16; "
-                           "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
-    return lib
-
-
 def linear_packed_bf16(x: Tensor, weight: Tensor) -> Tensor:
     """The kernel over a blocked weight (pack_linear), eagerly: x [T, in] @ weight [out / 16, in / 2,
     16, 2] -> [T, out], or per head x [T, H, in] with weight [H, out / 16, in / 2, 16, 2] -> [T, H,
     out]; bf16 in and out, fp32 accumulation."""
     _check_packed("linear_packed_cpu", x, weight)
-    lib = _packed_kernels("linear_packed_cpu")
+    lib = cpu_kernels.blocked_kernels("linear_packed_cpu")
     heads = weight.shape[0] if weight.dim() == 5 else 1
     x, weight = x if x.stride(-1) == 1 else x.contiguous(), weight.contiguous()
     out = x.new_empty(_packed_out_shape(x, weight))
@@ -197,7 +188,7 @@ def linear_packed_multi_bf16(x: Tensor, weights: list[Tensor]) -> list[Tensor]:
         if w.dim() != 4:
             raise ValueError(f"linear_packed_multi_cpu: weight {tuple(w.shape)} is not blocked [out / 16, in / 2, 16, 2]")
         _check_packed("linear_packed_multi_cpu", x, w)
-    lib = _packed_kernels("linear_packed_multi_cpu")
+    lib = cpu_kernels.blocked_kernels("linear_packed_multi_cpu")
     x, weights = x if x.stride(-1) == 1 else x.contiguous(), [w.contiguous() for w in weights]
     outs = [x.new_empty(_packed_out_shape(x, w)) for w in weights]
     pointers = (ctypes.c_void_p * len(weights))

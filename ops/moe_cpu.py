@@ -46,16 +46,23 @@ def _check(blocked: bool, x: Tensor, expert_ids: Tensor, expert_weights: Tensor,
 
 
 def _kernel(blocked: bool, lib, x: Tensor, expert_ids: Tensor, expert_weights: Tensor, gate_proj: Tensor,
-            up_proj: Tensor, down_proj: Tensor, first_expert: int) -> Tensor:  # fmt: skip
-    """The kernel through ctypes, on checked inputs."""
+            up_proj: Tensor, down_proj: Tensor, first_expert: int,
+            shared: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+    """The kernel through ctypes, on checked inputs (`shared`: a shared expert's blocked matrices too)."""
     x, ids, w = x.contiguous(), expert_ids.contiguous(), expert_weights.contiguous()
     gate, up, down = gate_proj.contiguous(), up_proj.contiguous(), down_proj.contiguous()
     out = torch.empty_like(x)
-    fn = lib.glm5c_moe_experts_packed_bf16 if blocked else lib.glm5c_moe_experts_bf16
     inter = gate.shape[1] * (PACK_ROWS if blocked else 1)
-    rc = fn(x.data_ptr(), ids.data_ptr(), w.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr(), out.data_ptr(),
-            x.shape[0], ids.shape[1], x.shape[1], inter, gate.shape[0], first_expert, torch.get_num_threads())  # fmt: skip
-    cpu_kernels.check_status("moe_experts_packed_cpu" if blocked else "moe_experts_cpu", rc)
+    sizes = (x.shape[0], ids.shape[1], x.shape[1], inter, gate.shape[0], first_expert, torch.get_num_threads())
+    weights = (x.data_ptr(), ids.data_ptr(), w.data_ptr(), gate.data_ptr(), up.data_ptr(), down.data_ptr())
+    if shared is not None:
+        shared = tuple(t.contiguous() for t in shared)
+        rc = lib.glm5c_moe_experts_shared_packed_bf16(*weights, *(t.data_ptr() for t in shared), out.data_ptr(), *sizes)
+        op = "moe_experts_shared_packed_cpu"
+    else:
+        rc = (lib.glm5c_moe_experts_packed_bf16 if blocked else lib.glm5c_moe_experts_bf16)(*weights, out.data_ptr(), *sizes)
+        op = "moe_experts_packed_cpu" if blocked else "moe_experts_cpu"
+    cpu_kernels.check_status(op, rc)
     return out
 
 
@@ -109,11 +116,8 @@ def experts_packed_bf16(x: Tensor, expert_ids: Tensor, expert_weights: Tensor, g
                         down_proj: Tensor, first_expert: int) -> Tensor:  # fmt: skip
     """experts_bf16 over blocked stacks (pack_experts), eagerly: x [T, D] bf16 -> [T, D] bf16."""
     _check(True, x, expert_ids, expert_weights, gate_proj, up_proj, down_proj)
-    lib = cpu_kernels.load()
-    if lib is None or not lib.glm5c_has_avx512bf16():
-        raise RuntimeError("moe_experts_packed_cpu: blocked expert weights need the kernel built with AVX512-BF16; "
-                           "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
-    return _kernel(True, lib, x, expert_ids, expert_weights, gate_proj, up_proj, down_proj, first_expert)
+    return _kernel(True, cpu_kernels.blocked_kernels("moe_experts_packed_cpu"), x, expert_ids, expert_weights, gate_proj,
+                   up_proj, down_proj, first_expert)  # fmt: skip
 
 
 cpu_kernels.define_op(
@@ -137,19 +141,8 @@ def experts_shared_packed_bf16(x: Tensor, expert_ids: Tensor, expert_weights: Te
         raise ValueError(f"{op}: the shared expert's gate {tuple(shared_gate.shape)}, up {tuple(shared_up.shape)}, down "
                          f"{tuple(shared_down.shape)} are not one expert of gate_proj {tuple(gate_proj.shape)} and "
                          f"down_proj {tuple(down_proj.shape)}")  # fmt: skip
-    lib = cpu_kernels.load()
-    if lib is None or not lib.glm5c_has_avx512bf16():
-        raise RuntimeError(f"{op}: blocked expert weights need the kernel built with AVX512-BF16; "
-                           "pack only where ops.cpu_kernels.has_avx512_bf16()")  # fmt: skip
-    x, ids, w = x.contiguous(), expert_ids.contiguous(), expert_weights.contiguous()
-    weights = [t.contiguous() for t in (gate_proj, up_proj, down_proj, shared_gate, shared_up, shared_down)]
-    out = torch.empty_like(x)
-    rc = lib.glm5c_moe_experts_shared_packed_bf16(x.data_ptr(), ids.data_ptr(), w.data_ptr(),
-                                                  *(t.data_ptr() for t in weights), out.data_ptr(), x.shape[0],
-                                                  ids.shape[1], x.shape[1], gate_proj.shape[1] * PACK_ROWS,
-                                                  gate_proj.shape[0], first_expert, torch.get_num_threads())  # fmt: skip
-    cpu_kernels.check_status(op, rc)
-    return out
+    return _kernel(True, cpu_kernels.blocked_kernels(op), x, expert_ids, expert_weights, gate_proj, up_proj,
+                   down_proj, first_expert, (shared_gate, shared_up, shared_down))  # fmt: skip
 
 
 def _shared_fits(gate_proj: Tensor, down_proj: Tensor, shared_gate: Tensor, shared_up: Tensor,
@@ -272,7 +265,7 @@ def experts_shared(
     machine: a step without the shared expert at all took 0.913x the time, ~37 us a layer for
     three ops of 0.8 MB between them.) Else `experts`, then the shared MLP through `linear`."""
     sg, su, sd = shared
-    if gate_proj.dim() == 5 and all(s is None for s in shared_scales) and _shared_fits(gate_proj, down_proj, sg, su, sd):
+    if all(s is None for s in shared_scales) and _shared_fits(gate_proj, down_proj, sg, su, sd):
         moe._require_unquantized(scales, "moe_cpu.experts_shared")
         return torch.ops.glm5c.moe_experts_shared_packed_cpu(x, expert_ids, expert_weights.float(), gate_proj, up_proj,
                                                              down_proj, sg, su, sd, first_expert)  # fmt: skip

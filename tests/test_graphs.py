@@ -279,6 +279,8 @@ def test_chunks_fill_the_buffers_as_their_batch_does():
         StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk([1], 8, [0, 1])], bs, pad_slot)
     with pytest.raises(ValueError, match="does not fit a bucket of 8 tokens"):
         StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk(list(range(9)), 0, [0, 1, 2])], bs, pad_slot)
+    with pytest.raises(ValueError, match="block tables 7 blocks wide do not fit a bucket of 6 blocks"):
+        StaticInputs(8, 6, "cpu").fill(build_step_batch(cases[0], bs, pad_slot), pad_slot, bs, width=7)
     with pytest.raises(ValueError, match="7 blocks, more than max_blocks=6"):
         StaticInputs(8, 6, "cpu").fill_chunks([SeqChunk([1], 0, list(range(7)))], bs, pad_slot)
 
